@@ -1,0 +1,179 @@
+//! Element types of hidden states and the float types they accumulate in.
+
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use std::ops::{Add, AddAssign, Div, Mul};
+
+/// The float type sums are carried in: `f32` for 16- and 32-bit input, `f64` for `f64`.
+pub trait Accumulator:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Add<Output = Self>
+    + AddAssign
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + std::fmt::Debug
+    + 'static
+{
+    const ZERO: Self;
+    const NEG_INFINITY: Self;
+    fn from_f64(value: f64) -> Self;
+    fn is_nan(self) -> bool;
+}
+
+impl Accumulator for f32 {
+    const ZERO: Self = 0.0;
+    const NEG_INFINITY: Self = f32::NEG_INFINITY;
+    fn from_f64(value: f64) -> Self {
+        value as f32
+    }
+    fn is_nan(self) -> bool {
+        f32::is_nan(self)
+    }
+}
+
+impl Accumulator for f64 {
+    const ZERO: Self = 0.0;
+    const NEG_INFINITY: Self = f64::NEG_INFINITY;
+    fn from_f64(value: f64) -> Self {
+        value
+    }
+    fn is_nan(self) -> bool {
+        f64::is_nan(self)
+    }
+}
+
+/// An element type of hidden states.
+pub trait Element: Copy + Send + Sync + 'static {
+    type Accumulator: Accumulator;
+    /// The numpy-style name, used in error messages.
+    const NAME: &'static str;
+
+    fn widen(self) -> Self::Accumulator;
+
+    /// Widens a contiguous run; the half types use the `half` crate's SIMD conversion.
+    fn widen_slice(source: &[Self], destination: &mut [Self::Accumulator]) {
+        for (out, value) in destination.iter_mut().zip(source) {
+            *out = value.widen();
+        }
+    }
+
+    /// The same memory seen as accumulators when no widening is needed (f32, f64),
+    /// so the kernel can read it in place instead of copying it first.
+    fn as_accumulator_slice(_source: &[Self]) -> Option<&[Self::Accumulator]> {
+        None
+    }
+}
+
+impl Element for f32 {
+    type Accumulator = f32;
+    const NAME: &'static str = "float32";
+    fn widen(self) -> f32 {
+        self
+    }
+    fn as_accumulator_slice(source: &[f32]) -> Option<&[f32]> {
+        Some(source)
+    }
+}
+
+impl Element for f64 {
+    type Accumulator = f64;
+    const NAME: &'static str = "float64";
+    fn widen(self) -> f64 {
+        self
+    }
+    fn as_accumulator_slice(source: &[f64]) -> Option<&[f64]> {
+        Some(source)
+    }
+}
+
+impl Element for f16 {
+    type Accumulator = f32;
+    const NAME: &'static str = "float16";
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    fn widen_slice(source: &[f16], destination: &mut [f32]) {
+        source.convert_to_f32_slice(destination);
+    }
+}
+
+impl Element for bf16 {
+    type Accumulator = f32;
+    const NAME: &'static str = "bfloat16";
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    fn widen_slice(source: &[bf16], destination: &mut [f32]) {
+        // bfloat16 is the top half of a float32: a shift, which the compiler vectorises.
+        for (out, value) in destination.iter_mut().zip(source) {
+            *out = f32::from_bits(u32::from(value.to_bits()) << 16);
+        }
+    }
+}
+
+/// A mask element: nonzero marks a real token.
+pub trait MaskElement: Copy + Send + Sync + 'static {
+    fn is_real(self) -> bool;
+}
+
+macro_rules! integer_mask {
+    ($($type:ty),*) => {$(
+        impl MaskElement for $type {
+            fn is_real(self) -> bool {
+                self != 0
+            }
+        }
+    )*};
+}
+integer_mask!(u8, i8, i32, i64);
+
+impl MaskElement for bool {
+    fn is_real(self) -> bool {
+        self
+    }
+}
+
+impl MaskElement for f32 {
+    fn is_real(self) -> bool {
+        self != 0.0
+    }
+}
+
+impl MaskElement for f64 {
+    fn is_real(self) -> bool {
+        self != 0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_types_widen_exactly() {
+        let values = [0.5f32, -2.0, 65504.0, 1.0e-3, f32::INFINITY];
+        let halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
+        let mut widened = vec![0.0f32; values.len()];
+        f16::widen_slice(&halves, &mut widened);
+        for (half, wide) in halves.iter().zip(&widened) {
+            assert_eq!(half.to_f32().to_bits(), wide.to_bits());
+        }
+        let brains: Vec<bf16> = values.iter().map(|&v| bf16::from_f32(v)).collect();
+        bf16::widen_slice(&brains, &mut widened);
+        for (brain, wide) in brains.iter().zip(&widened) {
+            assert_eq!(brain.to_f32().to_bits(), wide.to_bits());
+        }
+    }
+
+    #[test]
+    fn nan_survives_widening() {
+        let mut widened = [0.0f32; 1];
+        bf16::widen_slice(&[bf16::NAN], &mut widened);
+        assert!(widened[0].is_nan());
+        f16::widen_slice(&[f16::NAN], &mut widened);
+        assert!(widened[0].is_nan());
+    }
+}

@@ -1,0 +1,222 @@
+//! Which tokens of each row are real, as explicit positions.
+//!
+//! Both layouts reduce to this: for the padded layout the positions are the nonzero mask
+//! entries of a row (in order, holes allowed); for the packed layout they are the row's
+//! range of absolute token indices. The kernels then touch real tokens only.
+
+use super::element::MaskElement;
+use super::error::KernelError;
+use super::view::fits_inside;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSelection {
+    /// `row_starts[b]..row_starts[b + 1]` indexes `positions` for row b.
+    row_starts: Vec<usize>,
+    positions: Vec<usize>,
+    /// Positions are below this bound (T, or N for packed rows).
+    token_bound: usize,
+    /// Packed rows address tokens absolutely; gather indices count from the row's start.
+    packed: bool,
+}
+
+impl TokenSelection {
+    /// From a `[rows, tokens]` mask read through element strides.
+    pub fn from_mask<M: MaskElement>(
+        mask: &[M],
+        origin: usize,
+        shape: [usize; 2],
+        strides: [isize; 2],
+    ) -> Result<Self, KernelError> {
+        let [rows, tokens] = shape;
+        if !fits_inside(mask.len(), origin, &shape, &strides) {
+            return Err(KernelError::invalid(
+                "attention_mask",
+                format!(
+                    "shape {shape:?} with strides {strides:?} reaches outside a buffer of {} elements",
+                    mask.len()
+                ),
+            ));
+        }
+        let mut row_starts = Vec::with_capacity(rows + 1);
+        let mut positions = Vec::new();
+        row_starts.push(0);
+        for row in 0..rows {
+            let row_origin = origin as isize + row as isize * strides[0];
+            for token in 0..tokens {
+                let index = (row_origin + token as isize * strides[1]) as usize;
+                if mask[index].is_real() {
+                    positions.push(token);
+                }
+            }
+            row_starts.push(positions.len());
+        }
+        Ok(TokenSelection {
+            row_starts,
+            positions,
+            token_bound: tokens,
+            packed: false,
+        })
+    }
+
+    /// From a contiguous `[rows, tokens]` mask.
+    pub fn from_contiguous_mask<M: MaskElement>(
+        mask: &[M],
+        rows: usize,
+        tokens: usize,
+    ) -> Result<Self, KernelError> {
+        if mask.len() != rows * tokens {
+            return Err(KernelError::invalid(
+                "attention_mask",
+                format!(
+                    "expected {} elements for shape [{rows}, {tokens}], got {}",
+                    rows * tokens,
+                    mask.len()
+                ),
+            ));
+        }
+        Self::from_mask(mask, 0, [rows, tokens], [tokens as isize, 1])
+    }
+
+    /// From cu_seqlens-style offsets `[B + 1]` over `total_tokens` packed tokens: must start
+    /// at 0, never decrease, and end at `total_tokens`.
+    pub fn from_offsets(offsets: &[i64], total_tokens: usize) -> Result<Self, KernelError> {
+        if offsets.is_empty() {
+            return Err(KernelError::invalid(
+                "offsets",
+                "needs at least one entry (B + 1 entries for B rows, starting with 0)",
+            ));
+        }
+        if offsets[0] != 0 {
+            return Err(KernelError::invalid(
+                "offsets",
+                format!("must start at 0, starts at {}", offsets[0]),
+            ));
+        }
+        for (index, pair) in offsets.windows(2).enumerate() {
+            if pair[1] < pair[0] {
+                return Err(KernelError::invalid(
+                    "offsets",
+                    format!(
+                        "must not decrease, but offsets[{}] = {} > offsets[{}] = {}",
+                        index,
+                        pair[0],
+                        index + 1,
+                        pair[1]
+                    ),
+                ));
+            }
+        }
+        let last = *offsets.last().unwrap_or(&0);
+        if last != total_tokens as i64 {
+            return Err(KernelError::invalid(
+                "offsets",
+                format!("must end at the number of packed tokens {total_tokens}, ends at {last}"),
+            ));
+        }
+        let row_starts: Vec<usize> = offsets.iter().map(|&o| o as usize).collect();
+        Ok(TokenSelection {
+            row_starts,
+            positions: (0..total_tokens).collect(),
+            token_bound: total_tokens,
+            packed: true,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.row_starts.len() - 1
+    }
+
+    pub fn token_bound(&self) -> usize {
+        self.token_bound
+    }
+
+    /// The real token positions of a row, in order.
+    pub fn row(&self, row: usize) -> &[usize] {
+        &self.positions[self.row_starts[row]..self.row_starts[row + 1]]
+    }
+
+    /// Real tokens per row.
+    pub fn counts(&self) -> Vec<usize> {
+        self.row_starts
+            .windows(2)
+            .map(|pair| pair[1] - pair[0])
+            .collect()
+    }
+
+    /// Turns per-row gather indices into token positions of the view: -1 means "no token"
+    /// (the row pools to zeros); a padded row takes any position in `0..T` (the caller asked
+    /// for it explicitly), a packed row a position inside its own range.
+    pub fn resolve_gather(&self, index: &[i64]) -> Result<Vec<Option<usize>>, KernelError> {
+        if index.len() != self.rows() {
+            return Err(KernelError::invalid(
+                "index",
+                format!("has {} entries for {} rows", index.len(), self.rows()),
+            ));
+        }
+        index
+            .iter()
+            .enumerate()
+            .map(|(row, &position)| {
+                let limit = if self.packed {
+                    self.row_starts[row + 1] - self.row_starts[row]
+                } else {
+                    self.token_bound
+                };
+                match position {
+                    -1 => Ok(None),
+                    p if p >= 0 && (p as u64) < limit as u64 => Ok(Some(if self.packed {
+                        self.row_starts[row] + p as usize
+                    } else {
+                        p as usize
+                    })),
+                    p => Err(KernelError::invalid(
+                        "index",
+                        format!(
+                            "row {row}: position {p} is outside 0..{limit} (use -1 for no token)"
+                        ),
+                    )),
+                }
+            })
+            .collect()
+    }
+
+    /// Total real tokens.
+    pub fn total(&self) -> usize {
+        self.positions.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_with_holes_and_left_padding() {
+        let mask: Vec<u8> = vec![0, 0, 1, 1, 1, 0, 1, 0];
+        let selection = TokenSelection::from_contiguous_mask(&mask, 2, 4).unwrap();
+        assert_eq!(selection.row(0), &[2, 3]);
+        assert_eq!(selection.row(1), &[0, 2]);
+        assert_eq!(selection.counts(), vec![2, 2]);
+    }
+
+    #[test]
+    fn transposed_mask_reads_through_strides() {
+        // Stored as [tokens, rows]; viewed as [rows, tokens].
+        let stored: Vec<bool> = vec![true, false, true, true, false, true];
+        let selection = TokenSelection::from_mask(&stored, 0, [2, 3], [1, 2]).unwrap();
+        assert_eq!(selection.row(0), &[0, 1]);
+        assert_eq!(selection.row(1), &[1, 2]);
+    }
+
+    #[test]
+    fn offsets_are_checked() {
+        assert!(TokenSelection::from_offsets(&[0, 2, 1], 1).is_err());
+        assert!(TokenSelection::from_offsets(&[1, 2], 2).is_err());
+        assert!(TokenSelection::from_offsets(&[0, 2], 3).is_err());
+        assert!(TokenSelection::from_offsets(&[], 0).is_err());
+        let selection = TokenSelection::from_offsets(&[0, 2, 2, 5], 5).unwrap();
+        assert_eq!(selection.row(0), &[0, 1]);
+        assert_eq!(selection.row(1), &[] as &[usize]);
+        assert_eq!(selection.row(2), &[2, 3, 4]);
+    }
+}
