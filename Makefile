@@ -1,0 +1,58 @@
+# The two commands: `make demo` and `make test`. Both create .venv on first use (a stamp
+# file records the installed requirements, so later runs skip the install) and build the
+# extension in release mode.
+
+SHELL := /bin/bash
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements-installed
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+# Tests must not reach for a model hub; real models come from installed packages.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test build rust-test lint python-test wheel-test bench clean
+
+$(STAMP): requirements/dev.txt pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -r requirements/dev.txt
+	touch $@
+
+build: $(STAMP)
+	maturin develop --release --quiet
+
+demo: build
+	$(PYTHON) -m hiddenpool demo
+
+rust-test:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	cargo test --release
+
+lint: $(STAMP)
+	ruff check python tests benches scripts
+	ruff format --check python tests benches scripts
+	mypy
+
+python-test: build
+	pytest -q
+
+# The wheel as users get it: built, installed into a fresh environment with only its
+# declared dependencies, imported and called there.
+wheel-test: $(STAMP)
+	rm -rf dist build/wheel-venv
+	maturin build --release --quiet --out dist
+	python3 -m venv build/wheel-venv
+	build/wheel-venv/bin/python -m pip install --quiet dist/hiddenpool-*.whl
+	cd /tmp && $(abspath build/wheel-venv)/bin/python $(abspath scripts/wheel_smoke.py)
+
+test: rust-test lint python-test wheel-test
+
+bench: build
+	$(PYTHON) benches/run.py
+
+clean:
+	rm -rf $(VENV) target dist build

@@ -1,0 +1,608 @@
+"""The functional API: pool hidden states given as numpy arrays, torch tensors or a
+transformers ModelOutput.
+
+numpy arrays (and anything with ``__array__``) and torch CPU tensors go to the Rust kernels
+without a copy; tensors on other devices (CUDA) take a pure-torch path with the same
+semantics. ``backend="torch"`` (or ``with hiddenpool.use_backend("torch")``) forces the
+torch path, which is how CI tests the CUDA code path without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Union, overload
+
+import numpy as np
+
+from hiddenpool import _native
+from hiddenpool.strategy import Strategy
+
+if TYPE_CHECKING:
+    import torch
+
+Array = Any  # numpy.ndarray, torch.Tensor, or anything with __array__
+StrategyLike = Union[str, Strategy]
+Backend = Literal["auto", "rust", "torch"]
+
+_BACKEND: contextvars.ContextVar[Backend] = contextvars.ContextVar(
+    "hiddenpool_backend", default="auto"
+)
+
+
+@contextlib.contextmanager
+def use_backend(backend: Backend) -> Iterator[None]:
+    """Within the block, pool with ``backend``: ``"torch"`` sends even CPU tensors (and numpy
+    arrays) through the torch path, ``"rust"`` refuses tensors the kernels cannot read,
+    ``"auto"`` picks by device.
+
+    >>> with use_backend("torch"):
+    ...     pass
+    """
+    if backend not in ("auto", "rust", "torch"):
+        raise ValueError(f"backend: expected 'auto', 'rust' or 'torch', got {backend!r}")
+    token = _BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
+def _is_torch(value: object) -> bool:
+    module = type(value).__module__
+    return module.startswith("torch") and hasattr(value, "device") and hasattr(value, "dtype")
+
+
+def _states_from(hidden_states: object) -> list[Any]:
+    """One array, a sequence of arrays, or a ModelOutput, as a list of hidden states."""
+    if isinstance(hidden_states, Mapping) or hasattr(hidden_states, "last_hidden_state"):
+        all_states = getattr(hidden_states, "hidden_states", None)
+        last = getattr(hidden_states, "last_hidden_state", None)
+        if all_states is not None:
+            states = list(all_states)
+            # last_hidden_state is the model's final output (after CLIP's final layer norm),
+            # which is what "@last" means; for BERT, T5 and GPT-2 it is hidden_states[-1].
+            if last is not None:
+                states[-1] = last
+            return states
+        if last is not None:
+            return [last]
+        raise ValueError(
+            "hidden_states: the model output has neither hidden_states nor last_hidden_state"
+        )
+    if isinstance(hidden_states, (list, tuple)):
+        if not hidden_states:
+            raise ValueError("hidden_states: empty sequence; expected at least one layer")
+        return list(hidden_states)
+    if isinstance(hidden_states, (str, bytes)) or hidden_states is None:
+        raise TypeError(
+            "hidden_states: expected an array [B, T, H], a sequence of them or a ModelOutput, "
+            f"got {type(hidden_states).__name__}"
+        )
+    return [hidden_states]
+
+
+def _describe(value: Any) -> str:
+    shape = tuple(getattr(value, "shape", ()))
+    return f"shape {list(shape)} and dtype {getattr(value, 'dtype', type(value).__name__)}"
+
+
+def _as_numpy(value: Any, argument: str) -> tuple[np.ndarray, bool]:
+    """A zero-copy numpy view of a CPU tensor or array; True when it holds bfloat16 bits."""
+    if _is_torch(value):
+        import torch
+
+        tensor = value.detach()
+        if tensor.device.type != "cpu":
+            raise ValueError(f"{argument}: tensor on {tensor.device} cannot go to the Rust kernels")
+        if tensor.dtype == torch.bfloat16:
+            return tensor.view(torch.int16).numpy(), True
+        if tensor.is_complex() or tensor.dtype not in _TORCH_TO_NUMPY_OK:
+            raise TypeError(f"{argument}: unsupported dtype {tensor.dtype} ({_describe(value)})")
+        return tensor.resolve_conj().resolve_neg().numpy(), False
+    if isinstance(value, np.ndarray):
+        return value, False
+    if hasattr(value, "__array__") or isinstance(value, (list, tuple)):
+        array = np.asarray(value)
+        if array.dtype == object:
+            raise TypeError(f"{argument}: could not be read as a numeric array")
+        return array, False
+    raise TypeError(f"{argument}: expected an array or tensor, got {type(value).__name__}")
+
+
+def _torch_dtypes() -> set[Any]:
+    try:
+        import torch
+    except ImportError:
+        return set()
+    return {
+        torch.float32, torch.float64, torch.float16, torch.bool, torch.int8, torch.uint8,
+        torch.int16, torch.int32, torch.int64,
+    }
+
+
+_TORCH_TO_NUMPY_OK: set[Any] = set()
+
+
+def _check_shapes(states: Sequence[Any], mask: Any, packed: bool = False) -> tuple[int, int, int]:
+    rank = 2 if packed else 3
+    first_shape = tuple(states[0].shape)
+    for position, state in enumerate(states):
+        name = "hidden_states" if len(states) == 1 else f"hidden_states[{position}]"
+        shape = tuple(state.shape)
+        if len(shape) != rank:
+            expected = "[N, H]" if packed else "[B, T, H]"
+            raise ValueError(f"{name}: expected {rank} dimensions {expected}, got {_describe(state)}")
+        if shape != first_shape:
+            raise ValueError(
+                f"{name}: shape {list(shape)} differs from hidden_states[0] shape {list(first_shape)}"
+            )
+    if packed:
+        return 0, first_shape[0], first_shape[1]
+    batch, tokens, hidden = first_shape
+    mask_shape = tuple(mask.shape)
+    if mask_shape != (batch, tokens):
+        raise ValueError(
+            f"attention_mask: shape {list(mask_shape)} does not match hidden_states shape "
+            f"{list(first_shape)} (expected [{batch}, {tokens}])"
+        )
+    return batch, tokens, hidden
+
+
+def _scalar_mix(layer_weights: Sequence[float], layer_scale: float, count: int) -> list[float]:
+    weights = np.asarray(layer_weights, dtype=np.float64).reshape(-1)
+    if weights.size != count:
+        raise ValueError(
+            f"layer_weights: has {weights.size} weights for {count} chosen layers"
+        )
+    if not np.all(np.isfinite(weights)) or not math.isfinite(layer_scale):
+        raise ValueError("layer_weights: weights and layer_scale must be finite")
+    exponent = np.exp(weights - weights.max())
+    return [float(w) for w in layer_scale * exponent / exponent.sum()]
+
+
+class _Backend:
+    """One of the two implementations, chosen per call."""
+
+    def __init__(self, use_torch: bool, torch_output: bool, device: Any) -> None:
+        self.use_torch = use_torch
+        self.torch_output = torch_output
+        self.device = device
+
+    def mask(self, attention_mask: Any) -> Any:
+        if self.use_torch:
+            return _to_tensor(attention_mask, self.device)
+        mask, _ = _as_numpy(attention_mask, "attention_mask")
+        if mask.dtype == np.float16:
+            mask = mask.astype(np.float32)
+        return mask
+
+    def states(self, states: Sequence[Any]) -> tuple[list[Any], bool]:
+        if self.use_torch:
+            tensors = [_to_tensor(state, self.device) for state in states]
+            return tensors, False
+        arrays: list[np.ndarray] = []
+        flags = set()
+        for position, state in enumerate(states):
+            name = "hidden_states" if len(states) == 1 else f"hidden_states[{position}]"
+            array, is_bfloat16 = _as_numpy(state, name)
+            arrays.append(array)
+            flags.add(is_bfloat16)
+        if len(flags) > 1:
+            raise TypeError("hidden_states: layers mix bfloat16 with other dtypes")
+        return arrays, flags.pop()
+
+    def ids(self, input_ids: Any) -> Any:
+        if self.use_torch:
+            return _to_tensor(input_ids, self.device)
+        return _as_numpy(input_ids, "input_ids")[0]
+
+    def find_token(self, input_ids: Any, mask: Any, token_id: int) -> np.ndarray:
+        if self.use_torch:
+            from hiddenpool import torch_backend
+
+            return torch_backend.find_token(input_ids, mask, token_id)  # type: ignore[no-any-return]
+        return _native.find_token(input_ids, mask, token_id)
+
+    def output(self, result: Any) -> Any:
+        if self.use_torch or not self.torch_output:
+            if self.use_torch and not self.torch_output:
+                return result.cpu().numpy()
+            return result
+        import torch
+
+        return torch.from_numpy(result)
+
+
+def _to_tensor(value: Any, device: Any) -> Any:
+    import torch
+
+    if _is_torch(value):
+        return value.detach().to(device)
+    array = np.asarray(value)
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+
+def _choose_backend(first_state: Any, backend: Backend | None) -> _Backend:
+    chosen = backend or _BACKEND.get()
+    if chosen not in ("auto", "rust", "torch"):
+        raise ValueError(f"backend: expected 'auto', 'rust' or 'torch', got {chosen!r}")
+    if _is_torch(first_state):
+        global _TORCH_TO_NUMPY_OK
+        if not _TORCH_TO_NUMPY_OK:
+            _TORCH_TO_NUMPY_OK = _torch_dtypes()
+        on_cpu = first_state.device.type == "cpu"
+        if chosen == "rust" and not on_cpu:
+            raise ValueError(
+                f"backend: 'rust' reads host memory only; hidden_states is on {first_state.device}"
+            )
+        return _Backend(chosen == "torch" or not on_cpu, True, first_state.device)
+    if chosen == "torch":
+        return _Backend(True, False, "cpu")
+    return _Backend(False, False, None)
+
+
+def _kernel_pools(pools: Sequence[str]) -> list[str]:
+    return ["index" if pool == "eos" else pool for pool in pools]
+
+
+def _last_positions(mask: Any, use_torch: bool) -> Any:
+    if use_torch:
+        import torch
+
+        real = mask != 0
+        tokens = real.shape[1]
+        last = tokens - 1 - torch.argmax(real.flip(1).to(torch.int8), dim=1)
+        return torch.where(real.any(dim=1), last, torch.full_like(last, -1))
+    real = np.asarray(mask) != 0
+    tokens = real.shape[1]
+    if tokens == 0:
+        return np.full(real.shape[0], -1, dtype=np.int64)
+    last = tokens - 1 - np.argmax(real[:, ::-1], axis=1)
+    return np.where(real.any(axis=1), last, -1).astype(np.int64)
+
+
+def _rows_text(rows: Sequence[int]) -> str:
+    shown = ", ".join(str(row) for row in rows[:20])
+    return shown + (f" and {len(rows) - 20} more" if len(rows) > 20 else "")
+
+
+@overload
+def pool(
+    hidden_states: Any,
+    attention_mask: Any,
+    strategy: StrategyLike = ...,
+    **options: Any,
+) -> Any: ...
+
+
+@overload
+def pool(
+    hidden_states: Any,
+    attention_mask: Any,
+    strategy: Sequence[StrategyLike],
+    **options: Any,
+) -> dict[str, Any]: ...
+
+
+def pool(
+    hidden_states: Any,
+    attention_mask: Any,
+    strategy: StrategyLike | Sequence[StrategyLike] = "mean@last",
+    *,
+    input_ids: Any = None,
+    eos_token_id: int | None = None,
+    layer_weights: Sequence[float] | None = None,
+    layer_scale: float = 1.0,
+    empty: Literal["zero", "raise"] = "zero",
+    missing_eos: Literal["raise", "last"] = "raise",
+    backend: Backend | None = None,
+) -> Any:
+    """Pools hidden states into one vector per row, as ``strategy`` says.
+
+    ``hidden_states``: one ``[B, T, H]`` array or tensor, the sequence transformers returns
+    with ``output_hidden_states=True`` (index 0 = embeddings), or a ModelOutput (its
+    ``hidden_states`` with ``last_hidden_state`` as the last entry, else
+    ``last_hidden_state`` alone). float32, float64, float16 or bfloat16.
+    ``attention_mask``: ``[B, T]``, nonzero = real token; padding on either side, holes allowed.
+    ``strategy``: ``POOL[+POOL...]@LAYERS[:COMBINE]`` (see ``hiddenpool.strategy``) or a
+    ``Strategy``; a list of them returns ``{str(strategy as given): result}``, with strategies
+    on the same layers computed in one pass.
+    ``input_ids`` and ``eos_token_id`` are needed by ``eos``. ``layer_weights`` (with
+    ``layer_scale``) are ScalarMix parameters for ``:weighted``: each layer weighs
+    ``layer_scale * softmax(layer_weights)``.
+    ``empty="raise"`` refuses rows without real tokens (default: they pool to zeros).
+    ``missing_eos="last"`` pools rows without EOS at their last real token (default: raise).
+
+    Returns ``[B, D]``, float32 (float64 for float64 input); torch in gives torch out on the
+    same device.
+
+    >>> import numpy as np
+    >>> hidden = np.arange(12, dtype=np.float32).reshape(1, 3, 4)
+    >>> pool(hidden, np.array([[1, 1, 0]]), "mean@last")
+    array([[2., 3., 4., 5.]], dtype=float32)
+    """
+    if empty not in ("zero", "raise"):
+        raise ValueError(f"empty: expected 'zero' or 'raise', got {empty!r}")
+    if missing_eos not in ("raise", "last"):
+        raise ValueError(f"missing_eos: expected 'raise' or 'last', got {missing_eos!r}")
+    several = not isinstance(strategy, (str, Strategy))
+    given: list[StrategyLike] = list(strategy) if several else [strategy]  # type: ignore[arg-type]
+    if several and not given:
+        raise ValueError("strategy: empty list of strategies")
+    strategies = [Strategy.parse(item) for item in given]
+    keys = [item if isinstance(item, str) else str(item) for item in given]
+
+    states = _states_from(hidden_states)
+    chosen = _choose_backend(states[0], backend)
+    state_count = len(states)
+    plans = []
+    for parsed in strategies:
+        indices = parsed.resolve_layers(state_count)
+        combine = parsed.combine if len(indices) > 1 or parsed.combine == "weighted" else "sum"
+        weights: tuple[float, ...] | None = None
+        if combine == "weighted":
+            if layer_weights is None:
+                raise ValueError(
+                    f"layer_weights: strategy {parsed} combines layers by weight; pass layer_weights"
+                )
+            weights = tuple(_scalar_mix(layer_weights, layer_scale, len(indices)))
+        elif layer_weights is not None and not any(s.combine == "weighted" for s in strategies):
+            raise ValueError("layer_weights: given, but no strategy uses ':weighted'")
+        plans.append((parsed, tuple(indices), combine, weights))
+
+    used = sorted({index for _, indices, _, _ in plans for index in indices})
+    converted, is_bfloat16 = chosen.states([states[index] for index in used])
+    by_index = dict(zip(used, converted, strict=True))
+    mask = chosen.mask(attention_mask)
+    _check_shapes(converted, mask)
+
+    if empty == "raise":
+        counts = np.asarray((mask != 0).sum(1).cpu() if chosen.use_torch else (mask != 0).sum(1))
+        empty_rows = [int(row) for row in np.flatnonzero(counts == 0)]
+        if empty_rows:
+            raise ValueError(
+                f"attention_mask: {len(empty_rows)} row(s) have no real token: "
+                f"{_rows_text(empty_rows)} (pass empty='zero' to pool them to zeros)"
+            )
+
+    index = None
+    if any("eos" in parsed.pools for parsed in strategies):
+        index = _eos_positions(chosen, input_ids, eos_token_id, mask, missing_eos)
+
+    # Strategies on the same layers and combine share one pass over the data.
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for parsed, indices, combine, weights in plans:
+        pools = groups.setdefault((indices, combine, weights), [])
+        pools.extend(p for p in _kernel_pools(parsed.pools) if p not in pools)
+    results: dict[tuple[Any, ...], Any] = {}
+    for (indices, combine, weights), pools in groups.items():
+        layers = [by_index[i] for i in indices]
+        uses_index = "index" in pools
+        if chosen.use_torch:
+            from hiddenpool import torch_backend
+
+            results[(indices, combine, weights)] = torch_backend.pool(
+                layers, mask, pools, combine, weights, index if uses_index else None
+            )
+        else:
+            results[(indices, combine, weights)] = _native.pool(
+                layers, mask, pools, combine, list(weights) if weights else None,
+                index if uses_index else None, is_bfloat16,
+            )
+
+    outputs: dict[str, Any] = {}
+    for key, (parsed, indices, combine, weights) in zip(keys, plans, strict=True):
+        group_key = (indices, combine, weights)
+        computed = results[group_key]
+        group_pools = groups[group_key]
+        wanted = _kernel_pools(parsed.pools)
+        if wanted == group_pools:
+            selected = computed
+        else:
+            block = computed.shape[1] // len(group_pools)
+            parts = [
+                computed[:, group_pools.index(p) * block : (group_pools.index(p) + 1) * block]
+                for p in wanted
+            ]
+            if chosen.use_torch:
+                import torch
+
+                selected = torch.cat(parts, dim=1)
+            else:
+                selected = np.concatenate(parts, axis=1)
+        outputs[key] = chosen.output(selected)
+    return outputs if several else outputs[keys[0]]
+
+
+def _eos_positions(
+    chosen: _Backend, input_ids: Any, eos_token_id: int | None, mask: Any, missing_eos: str
+) -> Any:
+    if input_ids is None or eos_token_id is None:
+        raise ValueError(
+            "input_ids: the eos pool needs input_ids and eos_token_id "
+            f"(got input_ids={'None' if input_ids is None else 'given'}, "
+            f"eos_token_id={eos_token_id!r})"
+        )
+    if isinstance(eos_token_id, bool) or not isinstance(eos_token_id, (int, np.integer)):
+        raise TypeError(f"eos_token_id: expected an int, got {type(eos_token_id).__name__}")
+    ids = chosen.ids(input_ids)
+    if tuple(ids.shape) != tuple(mask.shape):
+        raise ValueError(
+            f"input_ids: shape {list(ids.shape)} does not match attention_mask shape "
+            f"{list(mask.shape)}"
+        )
+    if chosen.use_torch and (ids.is_floating_point() or ids.is_complex() or ids.dtype == _bool()):
+        raise TypeError(f"input_ids: expected int32 or int64 token ids, got {ids.dtype}")
+    positions = chosen.find_token(ids, mask, int(eos_token_id))
+    missing = positions < 0
+    missing_rows = np.flatnonzero(np.asarray(missing.cpu() if chosen.use_torch else missing))
+    if missing_rows.size:
+        real = mask != 0
+        has_tokens = np.asarray(real.any(1).cpu() if chosen.use_torch else real.any(1))
+        # Rows with no real token at all are "empty", handled by `empty`, not missing EOS.
+        missing_rows = missing_rows[has_tokens[missing_rows]]
+    if missing_rows.size:
+        if missing_eos == "raise":
+            rows = [int(row) for row in missing_rows]
+            raise ValueError(
+                f"input_ids: no real token equals eos_token_id={eos_token_id} in "
+                f"{len(rows)} row(s): {_rows_text(rows)} (pass missing_eos='last' to pool "
+                "those rows at their last real token)"
+            )
+        last = _last_positions(mask, chosen.use_torch)
+        if chosen.use_torch:
+            import torch
+
+            positions = torch.where(missing, last, positions)
+        else:
+            positions = np.where(missing, last, positions)
+    return positions
+
+
+def _bool() -> Any:
+    import torch
+
+    return torch.bool
+
+
+def pool_packed(
+    hidden_states: Any,
+    offsets: Any,
+    strategy: StrategyLike = "mean@last",
+    *,
+    layer_weights: Sequence[float] | None = None,
+    layer_scale: float = 1.0,
+) -> Any:
+    """Pools packed hidden states: ``[N, H]`` values (one array, or one per layer) whose rows
+    are ``values[offsets[b]:offsets[b + 1]]`` (cu_seqlens, ``[B + 1]`` ints from 0 to N), as
+    unpadded attention produces. Every pool but ``eos`` works here. Returns ``[B, D]``.
+
+    >>> import numpy as np
+    >>> values = np.arange(6, dtype=np.float32).reshape(3, 2)
+    >>> pool_packed(values, np.array([0, 1, 3]), "mean")
+    array([[0., 1.],
+           [3., 4.]], dtype=float32)
+    """
+    parsed = Strategy.parse(strategy)
+    if "eos" in parsed.pools:
+        raise ValueError("strategy: the eos pool needs input_ids; use pool() on padded input")
+    states = _states_from(hidden_states)
+    indices = parsed.resolve_layers(len(states))
+    combine = parsed.combine if len(indices) > 1 or parsed.combine == "weighted" else "sum"
+    weights = None
+    if combine == "weighted":
+        if layer_weights is None:
+            raise ValueError(f"layer_weights: strategy {parsed} combines layers by weight")
+        weights = _scalar_mix(layer_weights, layer_scale, len(indices))
+    torch_output = _is_torch(states[0])
+    arrays: list[np.ndarray] = []
+    flags = set()
+    for index in indices:
+        array, is_bfloat16 = _as_numpy(states[index], "hidden_states")
+        arrays.append(array)
+        flags.add(is_bfloat16)
+    if len(flags) > 1:
+        raise TypeError("hidden_states: layers mix bfloat16 with other dtypes")
+    _check_shapes(arrays, None, packed=True)
+    offset_array = _as_numpy(offsets, "offsets")[0]
+    result = _native.pool_packed(
+        arrays, offset_array, _kernel_pools(parsed.pools), combine, weights, None, flags.pop()
+    )
+    if torch_output:
+        import torch
+
+        return torch.from_numpy(result)
+    return result
+
+
+def _single(pool_name: str) -> Any:
+    def pooled(hidden_states: Any, attention_mask: Any, **options: Any) -> Any:
+        return pool(hidden_states, attention_mask, f"{pool_name}@last", **options)
+
+    pooled.__name__ = pool_name
+    pooled.__qualname__ = pool_name
+    pooled.__doc__ = (
+        f"``{pool_name}`` pooling of one ``[B, T, H]`` array (or the last of a sequence) under "
+        "``attention_mask`` ``[B, T]``; returns ``[B, H]``. Options as for ``pool``."
+    )
+    return pooled
+
+
+mean = _single("mean")
+sum = _single("sum")  # noqa: A001 - mirrors the pool's name, like numpy.sum
+max = _single("max")  # noqa: A001
+mean_sqrt_len = _single("mean_sqrt_len")
+weighted_mean = _single("weighted_mean")
+first = _single("first")
+cls = first
+last = _single("last")
+
+
+def eos(
+    hidden_states: Any,
+    attention_mask: Any,
+    input_ids: Any,
+    eos_token_id: int,
+    **options: Any,
+) -> Any:
+    """The hidden state at the first real token whose id is ``eos_token_id`` (CLIP's pooled
+    output), ``[B, H]``. Rows without it raise ValueError naming them, unless
+    ``missing_eos="last"``."""
+    return pool(
+        hidden_states, attention_mask, "eos@last",
+        input_ids=input_ids, eos_token_id=eos_token_id, **options,
+    )
+
+
+def gather(hidden_states: Any, index: Any, *, backend: Backend | None = None) -> Any:
+    """The hidden state of row b at token ``index[b]`` (``[B]`` ints; -1 gives zeros), any
+    position including padding, since the caller chose it. Returns ``[B, H]``.
+
+    >>> import numpy as np
+    >>> gather(np.arange(8, dtype=np.float32).reshape(2, 2, 2), np.array([1, -1]))
+    array([[2., 3.],
+           [0., 0.]], dtype=float32)
+    """
+    states = _states_from(hidden_states)
+    chosen = _choose_backend(states[0], backend)
+    converted, is_bfloat16 = chosen.states(states[-1:])
+    shape = tuple(converted[0].shape)
+    if len(shape) != 3:
+        raise ValueError(f"hidden_states: expected 3 dimensions [B, T, H], got {_describe(converted[0])}")
+    if chosen.use_torch:
+        import torch
+
+        from hiddenpool import torch_backend
+
+        positions = _to_tensor(index, chosen.device).to(torch.int64)
+        _check_index(positions.cpu().numpy(), shape)
+        mask = torch.ones(shape[:2], dtype=torch.bool, device=chosen.device)
+        return chosen.output(torch_backend.pool(converted, mask, ["index"], "sum", None, positions))
+    positions_array = _as_numpy(index, "index")[0]
+    if positions_array.dtype.kind not in "iu":
+        raise TypeError(f"index: expected integer positions, got dtype {positions_array.dtype}")
+    positions_array = positions_array.astype(np.int64)
+    _check_index(positions_array, shape)
+    mask = np.ones(shape[:2], dtype=np.bool_)
+    return chosen.output(
+        _native.pool(converted, mask, ["index"], "sum", None, positions_array, is_bfloat16)
+    )
+
+
+def _check_index(positions: np.ndarray, shape: tuple[int, ...]) -> None:
+    if positions.shape != (shape[0],):
+        raise ValueError(
+            f"index: expected shape [{shape[0]}] (one position per row), got {list(positions.shape)}"
+        )
+    bad = np.flatnonzero((positions < -1) | (positions >= shape[1]))
+    if bad.size:
+        row = int(bad[0])
+        raise ValueError(
+            f"index: row {row}: position {int(positions[row])} is outside 0..{shape[1]} "
+            "(use -1 for no token)"
+        )

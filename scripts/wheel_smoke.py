@@ -1,0 +1,14 @@
+"""Run inside a fresh environment holding only the built wheel and its declared
+dependencies: the package imports, and its kernels compute a known mean."""
+
+import numpy as np
+
+import hiddenpool
+
+hidden = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+mask = np.array([[1, 1, 0], [0, 1, 1]])
+result = hiddenpool.pool(hidden, mask, "mean@last")
+expected = np.stack([hidden[0, :2].mean(0), hidden[1, 1:].mean(0)])
+assert result.dtype == np.float32 and result.shape == (2, 4), (result.dtype, result.shape)
+np.testing.assert_array_equal(result, expected)
+print("wheel smoke test passed:", hiddenpool.__file__)

@@ -1,0 +1,7 @@
+import os
+import sys
+
+# Tests import the plain reference beside them.
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
