@@ -37,7 +37,9 @@ def combine_tokens(
         return [np.mean(np.stack(layers), axis=0)]
     if combine == "weighted":
         assert weights is not None
-        return [np.sum(np.stack([w * layer for w, layer in zip(weights, layers)]), axis=0)]
+        return [
+            np.sum(np.stack([w * layer for w, layer in zip(weights, layers, strict=True)]), axis=0)
+        ]
     raise AssertionError(combine)
 
 
@@ -97,7 +99,7 @@ def pool(
 def first_token(input_ids: np.ndarray, mask: np.ndarray, token_id: int) -> np.ndarray:
     """First real position of ``token_id`` per row, -1 where absent."""
     result = []
-    for ids, real in zip(np.asarray(input_ids), np.asarray(mask) != 0):
+    for ids, real in zip(np.asarray(input_ids), np.asarray(mask) != 0, strict=True):
         found = [t for t in range(len(ids)) if real[t] and ids[t] == token_id]
         result.append(found[0] if found else -1)
     return np.array(result, dtype=np.int64)

@@ -7,8 +7,8 @@ import itertools
 
 import numpy as np
 import pytest
-import reference
 
+import reference
 from hiddenpool import _native
 
 ALL_POOLS = ["mean", "sum", "max", "mean_sqrt_len", "weighted_mean", "first", "last", "index"]
@@ -66,9 +66,7 @@ def test_padded_layout_matches_reference(element_type, combine, mask_type):
     check(actual, expected, element_type)
 
 
-@pytest.mark.parametrize(
-    "element_type,combine", list(itertools.product(ELEMENT_TYPES, COMBINES))
-)
+@pytest.mark.parametrize("element_type,combine", list(itertools.product(ELEMENT_TYPES, COMBINES)))
 def test_packed_layout_matches_padded_reference(element_type, combine):
     rng = np.random.default_rng(7)
     lengths = [3, 0, 1, 5, 2]
@@ -80,7 +78,7 @@ def test_packed_layout_matches_padded_reference(element_type, combine):
     padded = [np.zeros((len(lengths), tokens, hidden), dtype=layer.dtype) for layer in packed]
     mask = np.zeros((len(lengths), tokens), dtype=bool)
     for row, length in enumerate(lengths):
-        for layer, values in zip(padded, packed):
+        for layer, values in zip(padded, packed, strict=True):
             layer[row, :length] = values[offsets[row] : offsets[row + 1]]
         mask[row, :length] = True
     index = np.array([2, -1, 0, 4, 1])
@@ -128,7 +126,9 @@ def test_read_only_misaligned_and_byte_swapped_inputs():
     read_only = base.copy()
     read_only.flags.writeable = False
     buffer = bytearray(base.nbytes + 1)
-    misaligned = np.frombuffer(buffer, dtype=np.float32, count=base.size, offset=1).reshape(base.shape)
+    misaligned = np.frombuffer(buffer, dtype=np.float32, count=base.size, offset=1).reshape(
+        base.shape
+    )
     assert not misaligned.flags.aligned
     misaligned[...] = base
     swapped = base.astype(">f4")
@@ -223,13 +223,33 @@ def bad_calls():
         TypeError,
         "layer 1 is float64",
     )
-    yield "int hidden", lambda: _native.pool([good.astype(np.int32)], mask, ["mean"]), TypeError, "unsupported dtype int32"
-    yield "complex hidden", lambda: _native.pool([good.astype(np.complex64)], mask, ["mean"]), TypeError, "complex64"
-    yield "float16 mask", lambda: _native.pool([good], mask.astype(np.float16), ["mean"]), TypeError, "attention_mask"
+    yield (
+        "int hidden",
+        lambda: _native.pool([good.astype(np.int32)], mask, ["mean"]),
+        TypeError,
+        "unsupported dtype int32",
+    )
+    yield (
+        "complex hidden",
+        lambda: _native.pool([good.astype(np.complex64)], mask, ["mean"]),
+        TypeError,
+        "complex64",
+    )
+    yield (
+        "float16 mask",
+        lambda: _native.pool([good], mask.astype(np.float16), ["mean"]),
+        TypeError,
+        "attention_mask",
+    )
     yield "not an array", lambda: _native.pool([[1.0]], mask, ["mean"]), TypeError, "numpy.ndarray"
     yield "no layers", lambda: _native.pool([], mask, ["mean"]), ValueError, "at least one layer"
     yield "unknown pool", lambda: _native.pool([good], mask, ["median"]), ValueError, "unknown pool"
-    yield "unknown combine", lambda: _native.pool([good, good], mask, ["mean"], "blend"), ValueError, "unknown combine"
+    yield (
+        "unknown combine",
+        lambda: _native.pool([good, good], mask, ["mean"], "blend"),
+        ValueError,
+        "unknown combine",
+    )
     yield (
         "weights length",
         lambda: _native.pool([good, good], mask, ["mean"], "weighted", [1.0]),
@@ -313,7 +333,7 @@ def test_inputs_are_never_written_and_outputs_never_alias():
         for layer in layers:
             assert not np.shares_memory(out, layer)
         out[...] = 123.0
-    for layer, copy in zip(layers, copies):
+    for layer, copy in zip(layers, copies, strict=True):
         np.testing.assert_array_equal(layer, copy)
     np.testing.assert_array_equal(mask, mask_copy)
 

@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Union, overload
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
@@ -21,10 +21,10 @@ from hiddenpool import _native
 from hiddenpool.strategy import Strategy
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 Array = Any  # numpy.ndarray, torch.Tensor, or anything with __array__
-StrategyLike = Union[str, Strategy]
+StrategyLike = str | Strategy
 Backend = Literal["auto", "rust", "torch"]
 
 _BACKEND: contextvars.ContextVar[Backend] = contextvars.ContextVar(
@@ -118,8 +118,15 @@ def _torch_dtypes() -> set[Any]:
     except ImportError:
         return set()
     return {
-        torch.float32, torch.float64, torch.float16, torch.bool, torch.int8, torch.uint8,
-        torch.int16, torch.int32, torch.int64,
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bool,
+        torch.int8,
+        torch.uint8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
     }
 
 
@@ -134,10 +141,13 @@ def _check_shapes(states: Sequence[Any], mask: Any, packed: bool = False) -> tup
         shape = tuple(state.shape)
         if len(shape) != rank:
             expected = "[N, H]" if packed else "[B, T, H]"
-            raise ValueError(f"{name}: expected {rank} dimensions {expected}, got {_describe(state)}")
+            raise ValueError(
+                f"{name}: expected {rank} dimensions {expected}, got {_describe(state)}"
+            )
         if shape != first_shape:
             raise ValueError(
-                f"{name}: shape {list(shape)} differs from hidden_states[0] shape {list(first_shape)}"
+                f"{name}: shape {list(shape)} differs from hidden_states[0] shape "
+                f"{list(first_shape)}"
             )
     if packed:
         return 0, first_shape[0], first_shape[1]
@@ -154,9 +164,7 @@ def _check_shapes(states: Sequence[Any], mask: Any, packed: bool = False) -> tup
 def _scalar_mix(layer_weights: Sequence[float], layer_scale: float, count: int) -> list[float]:
     weights = np.asarray(layer_weights, dtype=np.float64).reshape(-1)
     if weights.size != count:
-        raise ValueError(
-            f"layer_weights: has {weights.size} weights for {count} chosen layers"
-        )
+        raise ValueError(f"layer_weights: has {weights.size} weights for {count} chosen layers")
     if not np.all(np.isfinite(weights)) or not math.isfinite(layer_scale):
         raise ValueError("layer_weights: weights and layer_scale must be finite")
     exponent = np.exp(weights - weights.max())
@@ -199,11 +207,11 @@ class _Backend:
             return _to_tensor(input_ids, self.device)
         return _as_numpy(input_ids, "input_ids")[0]
 
-    def find_token(self, input_ids: Any, mask: Any, token_id: int) -> np.ndarray:
+    def find_token(self, input_ids: Any, mask: Any, token_id: int) -> Any:
         if self.use_torch:
             from hiddenpool import torch_backend
 
-            return torch_backend.find_token(input_ids, mask, token_id)  # type: ignore[no-any-return]
+            return torch_backend.find_token(input_ids, mask, token_id)
         return _native.find_token(input_ids, mask, token_id)
 
     def output(self, result: Any) -> Any:
@@ -246,6 +254,13 @@ def _choose_backend(first_state: Any, backend: Backend | None) -> _Backend:
     return _Backend(False, False, None)
 
 
+def _effective_combine(strategy: Strategy, layer_count: int) -> str:
+    """The combine the kernels get: the strategy's, or ``sum`` (a no-op) for one layer."""
+    if strategy.combine is not None and (layer_count > 1 or strategy.combine == "weighted"):
+        return strategy.combine
+    return "sum"
+
+
 def _kernel_pools(pools: Sequence[str]) -> list[str]:
     return ["index" if pool == "eos" else pool for pool in pools]
 
@@ -269,24 +284,6 @@ def _last_positions(mask: Any, use_torch: bool) -> Any:
 def _rows_text(rows: Sequence[int]) -> str:
     shown = ", ".join(str(row) for row in rows[:20])
     return shown + (f" and {len(rows) - 20} more" if len(rows) > 20 else "")
-
-
-@overload
-def pool(
-    hidden_states: Any,
-    attention_mask: Any,
-    strategy: StrategyLike = ...,
-    **options: Any,
-) -> Any: ...
-
-
-@overload
-def pool(
-    hidden_states: Any,
-    attention_mask: Any,
-    strategy: Sequence[StrategyLike],
-    **options: Any,
-) -> dict[str, Any]: ...
 
 
 def pool(
@@ -331,7 +328,9 @@ def pool(
     if missing_eos not in ("raise", "last"):
         raise ValueError(f"missing_eos: expected 'raise' or 'last', got {missing_eos!r}")
     several = not isinstance(strategy, (str, Strategy))
-    given: list[StrategyLike] = list(strategy) if several else [strategy]  # type: ignore[arg-type]
+    given: list[StrategyLike] = (
+        list(cast(Sequence[StrategyLike], strategy)) if several else [cast(StrategyLike, strategy)]
+    )
     if several and not given:
         raise ValueError("strategy: empty list of strategies")
     strategies = [Strategy.parse(item) for item in given]
@@ -340,20 +339,21 @@ def pool(
     states = _states_from(hidden_states)
     chosen = _choose_backend(states[0], backend)
     state_count = len(states)
-    plans = []
+    plans: list[tuple[Strategy, tuple[int, ...], str, tuple[float, ...] | None]] = []
     for parsed in strategies:
-        indices = parsed.resolve_layers(state_count)
-        combine = parsed.combine if len(indices) > 1 or parsed.combine == "weighted" else "sum"
+        resolved = parsed.resolve_layers(state_count)
+        combine = _effective_combine(parsed, len(resolved))
         weights: tuple[float, ...] | None = None
         if combine == "weighted":
             if layer_weights is None:
                 raise ValueError(
-                    f"layer_weights: strategy {parsed} combines layers by weight; pass layer_weights"
+                    f"layer_weights: strategy {parsed} combines layers by weight; "
+                    "pass layer_weights"
                 )
-            weights = tuple(_scalar_mix(layer_weights, layer_scale, len(indices)))
+            weights = tuple(_scalar_mix(layer_weights, layer_scale, len(resolved)))
         elif layer_weights is not None and not any(s.combine == "weighted" for s in strategies):
             raise ValueError("layer_weights: given, but no strategy uses ':weighted'")
-        plans.append((parsed, tuple(indices), combine, weights))
+        plans.append((parsed, tuple(resolved), combine, weights))
 
     used = sorted({index for _, indices, _, _ in plans for index in indices})
     converted, is_bfloat16 = chosen.states([states[index] for index in used])
@@ -391,8 +391,13 @@ def pool(
             )
         else:
             results[(indices, combine, weights)] = _native.pool(
-                layers, mask, pools, combine, list(weights) if weights else None,
-                index if uses_index else None, is_bfloat16,
+                layers,
+                mask,
+                pools,
+                combine,
+                list(weights) if weights else None,
+                index if uses_index else None,
+                is_bfloat16,
             )
 
     outputs: dict[str, Any] = {}
@@ -438,11 +443,11 @@ def _eos_positions(
         )
     if chosen.use_torch and (ids.is_floating_point() or ids.is_complex() or ids.dtype == _bool()):
         raise TypeError(f"input_ids: expected int32 or int64 token ids, got {ids.dtype}")
-    positions = chosen.find_token(ids, mask, int(eos_token_id))
-    missing = positions < 0
+    positions: Any = chosen.find_token(ids, mask, int(eos_token_id))
+    missing: Any = positions < 0
     missing_rows = np.flatnonzero(np.asarray(missing.cpu() if chosen.use_torch else missing))
     if missing_rows.size:
-        real = mask != 0
+        real: Any = mask != 0
         has_tokens = np.asarray(real.any(1).cpu() if chosen.use_torch else real.any(1))
         # Rows with no real token at all are "empty", handled by `empty`, not missing EOS.
         missing_rows = missing_rows[has_tokens[missing_rows]]
@@ -493,7 +498,7 @@ def pool_packed(
         raise ValueError("strategy: the eos pool needs input_ids; use pool() on padded input")
     states = _states_from(hidden_states)
     indices = parsed.resolve_layers(len(states))
-    combine = parsed.combine if len(indices) > 1 or parsed.combine == "weighted" else "sum"
+    combine = _effective_combine(parsed, len(indices))
     weights = None
     if combine == "weighted":
         if layer_weights is None:
@@ -534,8 +539,8 @@ def _single(pool_name: str) -> Any:
 
 
 mean = _single("mean")
-sum = _single("sum")  # noqa: A001 - mirrors the pool's name, like numpy.sum
-max = _single("max")  # noqa: A001
+sum = _single("sum")
+max = _single("max")
 mean_sqrt_len = _single("mean_sqrt_len")
 weighted_mean = _single("weighted_mean")
 first = _single("first")
@@ -554,8 +559,12 @@ def eos(
     output), ``[B, H]``. Rows without it raise ValueError naming them, unless
     ``missing_eos="last"``."""
     return pool(
-        hidden_states, attention_mask, "eos@last",
-        input_ids=input_ids, eos_token_id=eos_token_id, **options,
+        hidden_states,
+        attention_mask,
+        "eos@last",
+        input_ids=input_ids,
+        eos_token_id=eos_token_id,
+        **options,
     )
 
 
@@ -573,16 +582,20 @@ def gather(hidden_states: Any, index: Any, *, backend: Backend | None = None) ->
     converted, is_bfloat16 = chosen.states(states[-1:])
     shape = tuple(converted[0].shape)
     if len(shape) != 3:
-        raise ValueError(f"hidden_states: expected 3 dimensions [B, T, H], got {_describe(converted[0])}")
+        raise ValueError(
+            f"hidden_states: expected 3 dimensions [B, T, H], got {_describe(converted[0])}"
+        )
     if chosen.use_torch:
         import torch
 
         from hiddenpool import torch_backend
 
-        positions = _to_tensor(index, chosen.device).to(torch.int64)
-        _check_index(positions.cpu().numpy(), shape)
-        mask = torch.ones(shape[:2], dtype=torch.bool, device=chosen.device)
-        return chosen.output(torch_backend.pool(converted, mask, ["index"], "sum", None, positions))
+        index_tensor = _to_tensor(index, chosen.device).to(torch.int64)
+        _check_index(index_tensor.cpu().numpy(), shape)
+        all_real = torch.ones(shape[:2], dtype=torch.bool, device=chosen.device)
+        return chosen.output(
+            torch_backend.pool(converted, all_real, ["index"], "sum", None, index_tensor)
+        )
     positions_array = _as_numpy(index, "index")[0]
     if positions_array.dtype.kind not in "iu":
         raise TypeError(f"index: expected integer positions, got dtype {positions_array.dtype}")
@@ -597,7 +610,8 @@ def gather(hidden_states: Any, index: Any, *, backend: Backend | None = None) ->
 def _check_index(positions: np.ndarray, shape: tuple[int, ...]) -> None:
     if positions.shape != (shape[0],):
         raise ValueError(
-            f"index: expected shape [{shape[0]}] (one position per row), got {list(positions.shape)}"
+            f"index: expected shape [{shape[0]}] (one position per row), "
+            f"got {list(positions.shape)}"
         )
     bad = np.flatnonzero((positions < -1) | (positions >= shape[1]))
     if bad.size:

@@ -55,8 +55,18 @@ def pool(
         for segment in segments:
             blocks.append(
                 _pool_segment(
-                    name, segment, accumulate, real_3d, counts, has_tokens, rank,
-                    first_position, last_position, index, batch, hidden,
+                    name,
+                    segment,
+                    accumulate,
+                    real_3d,
+                    counts,
+                    has_tokens,
+                    rank,
+                    first_position,
+                    last_position,
+                    index,
+                    batch,
+                    hidden,
                 )
             )
     if not blocks:
@@ -64,7 +74,9 @@ def pool(
     return torch.cat(blocks, dim=1)
 
 
-def _combined(segment: Sequence[tuple[torch.Tensor, float]], accumulate: torch.dtype) -> torch.Tensor:
+def _combined(
+    segment: Sequence[tuple[torch.Tensor, float]], accumulate: torch.dtype
+) -> torch.Tensor:
     total: torch.Tensor | None = None
     for layer, weight in segment:
         value = layer.to(accumulate)

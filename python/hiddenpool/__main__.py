@@ -1,0 +1,5 @@
+import sys
+
+from hiddenpool.cli import main
+
+sys.exit(main())
