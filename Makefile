@@ -27,7 +27,7 @@ build: $(STAMP)
 demo: build
 	$(PYTHON) -m hiddenpool demo
 
-rust-test:
+rust-test: $(STAMP)
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo test --release
