@@ -13,12 +13,12 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from hiddenpool import _native
-from hiddenpool.strategy import Strategy
+from hiddenpool.strategy import Strategy, strategy_list
 
 if TYPE_CHECKING:
     pass
@@ -327,14 +327,7 @@ def pool(
         raise ValueError(f"empty: expected 'zero' or 'raise', got {empty!r}")
     if missing_eos not in ("raise", "last"):
         raise ValueError(f"missing_eos: expected 'raise' or 'last', got {missing_eos!r}")
-    several = not isinstance(strategy, (str, Strategy))
-    given: list[StrategyLike] = (
-        list(cast(Sequence[StrategyLike], strategy)) if several else [cast(StrategyLike, strategy)]
-    )
-    if several and not given:
-        raise ValueError("strategy: empty list of strategies")
-    strategies = [Strategy.parse(item) for item in given]
-    keys = [item if isinstance(item, str) else str(item) for item in given]
+    several, keys, strategies = strategy_list(strategy)
 
     states = _states_from(hidden_states)
     chosen = _choose_backend(states[0], backend)

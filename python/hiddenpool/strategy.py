@@ -8,7 +8,9 @@ Examples: ``mean@last``, ``cls@last``, ``eos@last``, ``mean@-2``, ``mean@first_l
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 POOLS = ("mean", "sum", "max", "mean_sqrt_len", "weighted_mean", "first", "last", "eos")
 POOL_ALIASES = {"cls": "first"}
@@ -123,6 +125,23 @@ class Strategy:
         for item in self.layers:
             indices.extend(_resolve_item(item, state_count, self))
         return indices
+
+
+def strategy_list(
+    strategy: str | Strategy | Sequence[str | Strategy],
+) -> tuple[bool, list[str], list[Strategy]]:
+    """Whether several strategies were given, each one's key (the string as given, or the
+    canonical form of a Strategy) and each one parsed."""
+    several = not isinstance(strategy, (str, Strategy))
+    given: list[str | Strategy] = (
+        list(cast(Sequence[str | Strategy], strategy))
+        if several
+        else [cast(str | Strategy, strategy)]
+    )
+    if not given:
+        raise ValueError("strategy: empty list of strategies")
+    keys = [item if isinstance(item, str) else str(item) for item in given]
+    return several, keys, [Strategy.parse(item) for item in given]
 
 
 def _canonical_item(item: str) -> str:
