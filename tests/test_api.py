@@ -292,7 +292,7 @@ def test_non_contiguous_and_grad_tensors():
         ("mean@last4:blend", "unknown combine 'blend'"),
         ("mean@lost", "malformed layer spec 'lost'"),
         ("mean@-9", "out of range for 7 hidden state"),
-        ("mean@last9:sum", "needs 9 layers but hidden_states has 7 state"),
+        ("mean@last9:sum", "needs 9 hidden states but hidden_states has 7"),
         ("mean@5..2:sum", "runs backwards"),
         ("eos@last", "the eos pool needs input_ids and eos_token_id"),
     ],

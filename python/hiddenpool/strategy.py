@@ -175,14 +175,12 @@ def _resolve_index(index: int, state_count: int, strategy: Strategy, item: str) 
 def _resolve_item(item: str, state_count: int, strategy: Strategy) -> list[int]:
     match = _ITEM.match(item)
     assert match is not None
-    layer_count = state_count - 1
     if match["last"]:
         count = int(match["count"] or 1)
-        available = max(layer_count, 1)
-        if count > available:
+        if count > state_count:
             raise ValueError(
-                f"strategy {strategy}: {item!r} needs {count} layers but hidden_states has "
-                f"{state_count} state(s) ({available} layer(s) besides the embeddings)"
+                f"strategy {strategy}: {item!r} needs {count} hidden states but "
+                f"hidden_states has {state_count}"
             )
         return list(range(state_count - count, state_count))
     name = match["name"]

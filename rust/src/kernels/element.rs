@@ -95,8 +95,51 @@ impl Element for f16 {
     fn widen(self) -> f32 {
         self.to_f32()
     }
+    #[inline(always)]
     fn widen_slice(source: &[f16], destination: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma_f16c() {
+            // SAFETY: the processor has F16C and AVX.
+            unsafe { widen_f16_f16c(source, destination) };
+            return;
+        }
         source.convert_to_f32_slice(destination);
+    }
+}
+
+/// Whether this x86-64 processor has AVX2, FMA and F16C (checked once, then cached).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub fn has_avx2_fma_f16c() -> bool {
+    use std::sync::OnceLock;
+    static DETECTED: OnceLock<bool> = OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    })
+}
+
+/// float16 to float32 eight at a time with the F16C conversion instruction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+#[inline]
+fn widen_f16_f16c(source: &[f16], destination: &mut [f32]) {
+    use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
+    let len = source.len().min(destination.len());
+    let whole = len / 8 * 8;
+    for start in (0..whole).step_by(8) {
+        let input = &source[start..start + 8];
+        let output = &mut destination[start..start + 8];
+        // SAFETY: both ranges hold 8 elements (checked by the slicing above); the loads and
+        // stores are unaligned.
+        unsafe {
+            let halves = _mm_loadu_si128(input.as_ptr() as *const __m128i);
+            _mm256_storeu_ps(output.as_mut_ptr(), _mm256_cvtph_ps(halves));
+        }
+    }
+    for (out, value) in destination[whole..len].iter_mut().zip(&source[whole..len]) {
+        *out = value.to_f32();
     }
 }
 
@@ -106,6 +149,7 @@ impl Element for bf16 {
     fn widen(self) -> f32 {
         self.to_f32()
     }
+    #[inline(always)]
     fn widen_slice(source: &[bf16], destination: &mut [f32]) {
         // bfloat16 is the top half of a float32: a shift, which the compiler vectorises.
         for (out, value) in destination.iter_mut().zip(source) {

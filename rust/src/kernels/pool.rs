@@ -178,7 +178,7 @@ pub fn pool_layers<T: Element>(
     let chunk_width = hidden.div_ceil(chunks_per_row);
     let run_row = |(row, row_out): (usize, &mut [T::Accumulator])| {
         if chunks_per_row == 1 {
-            job.pool_chunk(row, 0, hidden, row_out, hidden);
+            job.pool_chunk_dispatch(row, 0, hidden, row_out, hidden);
             return;
         }
         let chunk_outputs: Vec<(usize, usize, Vec<T::Accumulator>)> = (0..chunks_per_row)
@@ -188,7 +188,7 @@ pub fn pool_layers<T: Element>(
                 let width = chunk_width.min(hidden.saturating_sub(start));
                 let mut local = vec![T::Accumulator::ZERO; pools.len() * segments.len() * width];
                 if width > 0 {
-                    job.pool_chunk(row, start, width, &mut local, width);
+                    job.pool_chunk_dispatch(row, start, width, &mut local, width);
                 }
                 (start, width, local)
             })
@@ -250,6 +250,17 @@ fn segments<A: Accumulator>(
     })
 }
 
+/// Hidden elements per accumulator block. Whole token rows stream best: blocks narrower
+/// than the row turn the walk over tokens into a strided one the prefetchers miss.
+const BLOCK: usize = 2048;
+
+/// Where one block's running results go; None for those no requested pool needs.
+struct Accumulators<'a, A> {
+    sum: Option<&'a mut [A]>,
+    max: Option<&'a mut [A]>,
+    weighted: Option<&'a mut [A]>,
+}
+
 struct Job<'job, 'data, T: Element> {
     layers: &'job [LayerView<'data, T>],
     selection: &'job TokenSelection,
@@ -263,6 +274,38 @@ impl<'data, T: Element> Job<'_, 'data, T> {
     /// Pools hidden elements `start..start + width` of one row into `out`, laid out as
     /// `[pool][segment][out_hidden]` with this chunk at `start` (or at 0 when `out_hidden`
     /// equals `width`, for a chunk-local buffer).
+    /// `pool_chunk` compiled for AVX2, FMA and F16C where the processor has them.
+    fn pool_chunk_dispatch(
+        &self,
+        row: usize,
+        start: usize,
+        width: usize,
+        out: &mut [T::Accumulator],
+        out_hidden: usize,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if super::element::has_avx2_fma_f16c() {
+            // SAFETY: the processor supports the features this copy was compiled for.
+            unsafe { self.pool_chunk_avx2(row, start, width, out, out_hidden) };
+            return;
+        }
+        self.pool_chunk(row, start, width, out, out_hidden);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn pool_chunk_avx2(
+        &self,
+        row: usize,
+        start: usize,
+        width: usize,
+        out: &mut [T::Accumulator],
+        out_hidden: usize,
+    ) {
+        self.pool_chunk(row, start, width, out, out_hidden);
+    }
+
+    #[inline(always)]
     fn pool_chunk(
         &self,
         row: usize,
@@ -278,7 +321,8 @@ impl<'data, T: Element> Job<'_, 'data, T> {
         let needs_max = self.pools.contains(&Pool::Max);
         let needs_weighted = self.pools.contains(&Pool::WeightedMean);
         let zero = T::Accumulator::ZERO;
-        let mut loaded = vec![zero; width];
+        // Four token buffers for the grouped accumulation; whole-width for gathers.
+        let mut loaded = vec![zero; (4 * width.min(BLOCK)).max(width)];
         let mut widened = vec![zero; width];
         let mut sum = vec![zero; if needs_sum { width } else { 0 }];
         let mut max = vec![T::Accumulator::NEG_INFINITY; if needs_max { width } else { 0 }];
@@ -286,31 +330,40 @@ impl<'data, T: Element> Job<'_, 'data, T> {
 
         for (segment_index, segment) in self.segments.iter().enumerate() {
             if needs_sum || needs_max || needs_weighted {
-                sum.fill(zero);
-                max.fill(T::Accumulator::NEG_INFINITY);
-                weighted.fill(zero);
-                for (rank, &token) in positions.iter().enumerate() {
-                    let values =
-                        self.load(segment, row, token, start, width, &mut loaded, &mut widened);
-                    if needs_sum {
-                        for (total, &value) in sum.iter_mut().zip(values) {
-                            *total += value;
-                        }
-                    }
-                    if needs_max {
-                        for (largest, &value) in max.iter_mut().zip(values) {
-                            // Written so that NaN, once seen, stays (as torch.amax does).
-                            if value > *largest || value.is_nan() {
-                                *largest = value;
-                            }
-                        }
-                    }
-                    if needs_weighted {
-                        let weight = T::Accumulator::from_f64((rank + 1) as f64);
-                        for (total, &value) in weighted.iter_mut().zip(values) {
-                            *total += weight * value;
-                        }
-                    }
+                // Blocks of the hidden axis small enough for the accumulators to stay in
+                // registers while every token of the row streams past.
+                let mut block_start = start;
+                while block_start < start + width {
+                    let len = BLOCK.min(start + width - block_start);
+                    let local = block_start - start;
+                    let accumulators = Accumulators {
+                        sum: if needs_sum {
+                            Some(&mut sum[local..local + len])
+                        } else {
+                            None
+                        },
+                        max: if needs_max {
+                            Some(&mut max[local..local + len])
+                        } else {
+                            None
+                        },
+                        weighted: if needs_weighted {
+                            Some(&mut weighted[local..local + len])
+                        } else {
+                            None
+                        },
+                    };
+                    self.accumulate_block(
+                        segment,
+                        row,
+                        positions,
+                        block_start,
+                        len,
+                        accumulators,
+                        &mut loaded,
+                        &mut widened,
+                    );
+                    block_start += len;
                 }
             }
             for (pool_index, pool) in self.pools.iter().enumerate() {
@@ -363,9 +416,114 @@ impl<'data, T: Element> Job<'_, 'data, T> {
         }
     }
 
+    /// Sums, maxima and rank-weighted sums of hidden elements `start..start + len` over the
+    /// row's real tokens, written into `accumulators` (each `len` long).
+    ///
+    /// Tokens are taken four at a time and folded together before touching the running
+    /// values, so those are loaded and stored once per four tokens: the loop is then bound by
+    /// reading the tokens, not by stores.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn accumulate_block(
+        &self,
+        segment: &Segment<T::Accumulator>,
+        row: usize,
+        positions: &[usize],
+        start: usize,
+        len: usize,
+        accumulators: Accumulators<'_, T::Accumulator>,
+        loaded: &mut [T::Accumulator],
+        widened: &mut [T::Accumulator],
+    ) {
+        let zero = T::Accumulator::ZERO;
+        let mut sum = [zero; BLOCK];
+        let mut max = [T::Accumulator::NEG_INFINITY; BLOCK];
+        let mut weighted = [zero; BLOCK];
+        let (sum, max, weighted) = (&mut sum[..len], &mut max[..len], &mut weighted[..len]);
+        let (needs_sum, needs_max, needs_weighted) = (
+            accumulators.sum.is_some(),
+            accumulators.max.is_some(),
+            accumulators.weighted.is_some(),
+        );
+        let rank_weight = |rank: usize| T::Accumulator::from_f64((rank + 1) as f64);
+        let (buffers, widened) = (&mut loaded[..4 * len], &mut widened[..len]);
+        let (first_pair, second_pair) = buffers.split_at_mut(2 * len);
+        let (buffer0, buffer1) = first_pair.split_at_mut(len);
+        let (buffer2, buffer3) = second_pair.split_at_mut(len);
+        // Types read in place stream fastest one token at a time; widened types gain from
+        // folding four converted tokens before touching the running values.
+        let group_tokens = T::as_accumulator_slice(&[]).is_none();
+        let groups = if group_tokens { positions.len() / 4 } else { 0 };
+        for group in 0..groups {
+            let rank = group * 4;
+            let tokens = &positions[rank..rank + 4];
+            let v0 = self.load(segment, row, tokens[0], start, len, buffer0, widened);
+            let v1 = self.load(segment, row, tokens[1], start, len, buffer1, widened);
+            let v2 = self.load(segment, row, tokens[2], start, len, buffer2, widened);
+            let v3 = self.load(segment, row, tokens[3], start, len, buffer3, widened);
+            let (v0, v1, v2, v3) = (&v0[..len], &v1[..len], &v2[..len], &v3[..len]);
+            if needs_sum {
+                for ((((total, &a), &b), &c), &d) in sum.iter_mut().zip(v0).zip(v1).zip(v2).zip(v3)
+                {
+                    *total += (a + b) + (c + d);
+                }
+            }
+            if needs_max {
+                for ((((largest, &a), &b), &c), &d) in
+                    max.iter_mut().zip(v0).zip(v1).zip(v2).zip(v3)
+                {
+                    *largest = nan_max(*largest, nan_max(nan_max(a, b), nan_max(c, d)));
+                }
+            }
+            if needs_weighted {
+                let weights = [
+                    rank_weight(rank),
+                    rank_weight(rank + 1),
+                    rank_weight(rank + 2),
+                    rank_weight(rank + 3),
+                ];
+                for ((((total, &a), &b), &c), &d) in
+                    weighted.iter_mut().zip(v0).zip(v1).zip(v2).zip(v3)
+                {
+                    *total += (weights[0] * a + weights[1] * b) + (weights[2] * c + weights[3] * d);
+                }
+            }
+        }
+        for (rank, &token) in positions.iter().enumerate().skip(groups * 4) {
+            let values = self.load(segment, row, token, start, len, buffer0, widened);
+            let values = &values[..len];
+            if needs_sum {
+                for (total, &value) in sum.iter_mut().zip(values) {
+                    *total += value;
+                }
+            }
+            if needs_max {
+                for (largest, &value) in max.iter_mut().zip(values) {
+                    *largest = nan_max(*largest, value);
+                }
+            }
+            if needs_weighted {
+                let weight = rank_weight(rank);
+                for (total, &value) in weighted.iter_mut().zip(values) {
+                    *total += weight * value;
+                }
+            }
+        }
+        if let Some(target) = accumulators.sum {
+            target.copy_from_slice(sum);
+        }
+        if let Some(target) = accumulators.max {
+            target.copy_from_slice(max);
+        }
+        if let Some(target) = accumulators.weighted {
+            target.copy_from_slice(weighted);
+        }
+    }
+
     /// One token's combined hidden chunk, widened to the accumulator type. f32 and f64
     /// single-layer reads come straight from the caller's memory.
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn load<'s>(
         &self,
         segment: &Segment<T::Accumulator>,
@@ -379,6 +537,8 @@ impl<'data, T: Element> Job<'_, 'data, T> {
     where
         'data: 's,
     {
+        let loaded = &mut loaded[..width];
+        let widened = &mut widened[..width];
         let one = T::Accumulator::from_f64(1.0);
         if let [(layer, weight)] = segment.as_slice() {
             if *weight == one {
@@ -421,6 +581,19 @@ impl<'data, T: Element> Job<'_, 'data, T> {
     }
 }
 
+/// The larger of two values, NaN if either is NaN (as torch.amax). Written as a select,
+/// which compiles to vector compare-and-blend.
+#[inline(always)]
+fn nan_max<A: Accumulator>(a: A, b: A) -> A {
+    let keep = b <= a || a.is_nan();
+    if keep {
+        a
+    } else {
+        b
+    }
+}
+
+#[inline(always)]
 fn widen<T: Element>(slice: TokenSlice<'_, T>, out: &mut [T::Accumulator]) {
     match slice {
         TokenSlice::Contiguous(values) => T::widen_slice(values, out),
@@ -733,6 +906,32 @@ mod tests {
         assert_eq!(&out.values[..3], &[2.0, 3.0, 3.0]);
         assert!(out.values[3].is_nan() && out.values[4].is_nan());
         assert_eq!(out.values[5], 5.0);
+    }
+
+    #[test]
+    fn nan_anywhere_in_a_group_of_tokens_reaches_max_and_mean() {
+        // Half types fold four tokens at a time; a NaN in any slot must still propagate.
+        for slot in 0..9 {
+            let mut values = vec![f16::from_f32(1.0); 9];
+            values[slot] = f16::NAN;
+            let view = LayerView::contiguous(&values, [1, 9, 1]).unwrap();
+            let selection = TokenSelection::from_contiguous_mask(&[1u8; 9], 1, 9).unwrap();
+            let pools = [Pool::Max, Pool::Mean, Pool::WeightedMean];
+            let out = pool_layers(
+                &[view],
+                &selection,
+                &pools,
+                &Combine::Sum,
+                None,
+                Execution::Sequential,
+            )
+            .unwrap();
+            assert!(
+                out.values.iter().all(|v| v.is_nan()),
+                "slot {slot}: {:?}",
+                out.values
+            );
+        }
     }
 
     #[test]
