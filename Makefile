@@ -25,7 +25,10 @@ build: $(STAMP)
 	maturin develop --release --quiet
 
 demo: build
-	$(PYTHON) -m hiddenpool demo
+	mkdir -p build
+	hiddenpool compare
+	hiddenpool encode --input python/hiddenpool/data/demo_texts.txt --output build/demo-embeddings.npz --strategy mean@last cls@last mean@last4:sum --normalize
+	$(PYTHON) -c "import numpy as np; data = np.load('build/demo-embeddings.npz'); [print(key, data[key].shape, data[key][0, :4].round(4)) for key in data]"
 
 rust-test: $(STAMP)
 	cargo fmt --check

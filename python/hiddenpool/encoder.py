@@ -18,6 +18,7 @@ import json
 import math
 import os
 import sys
+import time
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -202,6 +203,7 @@ class Encoder:
         progress: bool | None = None,
         output: Literal["numpy", "torch"] = "numpy",
         missing_eos: Literal["raise", "last"] = "raise",
+        timings: dict[str, float] | None = None,
     ) -> Any:
         """Encodes ``texts`` into ``[N, D]`` float32 embeddings, in input order.
 
@@ -210,7 +212,8 @@ class Encoder:
         ``normalize`` scales each row to unit L2 norm. ``progress`` shows a tqdm bar (default:
         when stderr is a terminal and there is more than one batch). ``output="torch"``
         returns CPU tensors. Texts longer than ``max_length`` tokens are truncated, with a
-        warning that counts them.
+        warning that counts them. ``timings``, when given, receives each strategy's pooling
+        seconds (strategies are then pooled one by one rather than in shared passes).
         """
         import torch
 
@@ -231,7 +234,7 @@ class Encoder:
 
         if not texts:
             # One forward pass on an empty text gives each strategy's width.
-            widths = self._encode_batch([""], keys, needs_all_states, missing_eos)
+            widths = self._encode_batch([""], keys, needs_all_states, missing_eos, None)
             empty = {
                 key: np.zeros((0, value.shape[1]), np.float32) for key, value in widths.items()
             }
@@ -250,7 +253,7 @@ class Encoder:
         with torch.inference_mode():
             for batch in iterator:
                 pooled = self._encode_batch(
-                    [texts[index] for index in batch], keys, needs_all_states, missing_eos
+                    [texts[index] for index in batch], keys, needs_all_states, missing_eos, timings
                 )
                 truncated += self._last_truncated
                 for key, value in pooled.items():
@@ -297,7 +300,12 @@ class Encoder:
         )
 
     def _encode_batch(
-        self, texts: list[str], keys: list[str], needs_all_states: bool, missing_eos: Any
+        self,
+        texts: list[str],
+        keys: list[str],
+        needs_all_states: bool,
+        missing_eos: Any,
+        timings: dict[str, float] | None,
     ) -> dict[str, np.ndarray]:
         import torch
 
@@ -320,14 +328,19 @@ class Encoder:
         with torch.inference_mode():
             outputs = self._module(**arguments)
         eos_ids, eos_token_id = self._eos_inputs(ids)
-        pooled = pool(
-            outputs,
-            mask,
-            keys,
-            input_ids=eos_ids,
-            eos_token_id=eos_token_id,
-            missing_eos=missing_eos,
-        )
+        options: dict[str, Any] = {
+            "input_ids": eos_ids,
+            "eos_token_id": eos_token_id,
+            "missing_eos": missing_eos,
+        }
+        if timings is None:
+            pooled = pool(outputs, mask, keys, **options)
+        else:
+            pooled = {}
+            for key in keys:
+                started = time.perf_counter()
+                pooled[key] = pool(outputs, mask, key, **options)
+                timings[key] = timings.get(key, 0.0) + time.perf_counter() - started
         result: dict[str, np.ndarray] = {}
         for key, value in pooled.items():
             if self._projection is not None:

@@ -7,6 +7,7 @@ Examples: ``mean@last``, ``cls@last``, ``eos@last``, ``mean@-2``, ``mean@first_l
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -77,6 +78,10 @@ class Strategy:
             return text
         if not isinstance(text, str):
             raise TypeError(f"strategy: expected a string or Strategy, got {type(text).__name__}")
+        return _parse_text(text)
+
+    @classmethod
+    def _parse_uncached(cls, text: str) -> Strategy:
         compact = re.sub(r"\s+", "", text).lower()
         if not compact:
             raise ValueError("strategy: empty string; expected e.g. 'mean@last'")
@@ -125,6 +130,12 @@ class Strategy:
         for item in self.layers:
             indices.extend(_resolve_item(item, state_count, self))
         return indices
+
+
+@functools.lru_cache(maxsize=512)
+def _parse_text(text: str) -> Strategy:
+    # Strategies are immutable, so a parsed string can be shared by every call that uses it.
+    return Strategy._parse_uncached(text)
 
 
 def strategy_list(

@@ -13,8 +13,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PySequence};
 
 use crate::kernels::{
-    first_token_positions, pool_layers, Combine, Element, Execution, KernelError, LayerView,
-    MaskElement, Pool, TokenId, TokenSelection,
+    bytes_to_read, first_token_positions, pool_layers, Combine, Element, Execution, KernelError,
+    LayerView, MaskElement, Pool, TokenId, TokenSelection,
 };
 
 /// Work below this many bytes of real-token reads runs on the calling thread with the GIL
@@ -96,7 +96,12 @@ impl<'py> ArrayMemory<'py> {
             )));
         }
         let dtype = array.dtype();
-        let dtype_name: String = dtype.getattr("name")?.extract()?;
+        // Only extension dtypes (ml_dtypes' bfloat16) need their name looked up.
+        let dtype_name: String = if matches!(dtype.kind(), b'f' | b'i' | b'u' | b'b') {
+            String::new()
+        } else {
+            dtype.getattr("name")?.extract()?
+        };
         let kind = match (dtype.kind(), dtype.itemsize(), dtype_name.as_str()) {
             (_, 2, "bfloat16") => Some(Kind::BFloat16),
             (b'u' | b'i', 2, _) if bfloat16_view => Some(Kind::BFloat16),
@@ -113,8 +118,9 @@ impl<'py> ArrayMemory<'py> {
         .filter(|kind| allowed.contains(kind))
         .ok_or_else(|| {
             let names: Vec<&str> = allowed.iter().map(|kind| kind.name()).collect();
+            let dtype_text = dtype.str().map(|text| text.to_string()).unwrap_or_default();
             PyTypeError::new_err(format!(
-                "{argument}: unsupported dtype {dtype_name} with shape {:?}; expected one of {}",
+                "{argument}: unsupported dtype {dtype_text} with shape {:?}; expected one of {}",
                 array.shape(),
                 names.join(", ")
             ))
@@ -454,7 +460,12 @@ where
         .collect::<Result<Vec<_>, _>>()
         .map_err(kernel_error)?;
     let hidden = layers[0].shape.last().copied().unwrap_or(0);
-    let bytes = selection.total() * hidden * layers.len() * std::mem::size_of::<T>();
+    let bytes = bytes_to_read(
+        selection,
+        request.pools,
+        layers.len(),
+        hidden * std::mem::size_of::<T>(),
+    );
     let pooled = run(py, bytes, |execution| {
         pool_layers(
             &views,

@@ -10,6 +10,6 @@ pub mod view;
 pub use element::{Accumulator, Element, MaskElement};
 pub use eos::{first_token_positions, missing_rows, TokenId};
 pub use error::KernelError;
-pub use pool::{pool_layers, Combine, Execution, Pool, Pooled};
+pub use pool::{bytes_to_read, pool_layers, Combine, Execution, Pool, Pooled};
 pub use selection::TokenSelection;
 pub use view::{fits_inside, LayerView, TokenSlice};

@@ -216,6 +216,25 @@ pub fn pool_layers<T: Element>(
     })
 }
 
+/// Bytes a call will read: every real token for the reducing pools, one token per row for
+/// each gathering pool (first, last, index). Used to decide whether threads pay off.
+pub fn bytes_to_read(
+    selection: &TokenSelection,
+    pools: &[Pool],
+    layers: usize,
+    token_bytes: usize,
+) -> usize {
+    let reduces = pools
+        .iter()
+        .any(|pool| !matches!(pool, Pool::First | Pool::Last | Pool::Index));
+    let gathers = pools
+        .iter()
+        .filter(|pool| matches!(pool, Pool::First | Pool::Last | Pool::Index))
+        .count();
+    let tokens = if reduces { selection.total() } else { 0 } + gathers * selection.rows();
+    tokens * layers * token_bytes
+}
+
 fn segments<A: Accumulator>(
     layer_count: usize,
     combine: &Combine,
