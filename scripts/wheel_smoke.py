@@ -12,3 +12,10 @@ expected = np.stack([hidden[0, :2].mean(0), hidden[1, 1:].mean(0)])
 assert result.dtype == np.float32 and result.shape == (2, 4), (result.dtype, result.shape)
 np.testing.assert_array_equal(result, expected)
 print("wheel smoke test passed:", hiddenpool.__file__)
+
+# The package data the CLI's defaults read ships inside the wheel.
+from hiddenpool import evaluate  # noqa: E402
+
+pairs = evaluate.read_pairs(evaluate.default_data_path())
+assert len(pairs.scores) >= 36, len(pairs.scores)
+print("shipped sentence pairs:", len(pairs.scores))
