@@ -7,6 +7,7 @@
 """
 
 from hiddenpool._native import get_num_threads, set_num_threads
+from hiddenpool.encoder import Encoder, TokenReport
 from hiddenpool.ops import (
     cls,
     eos,
@@ -27,7 +28,9 @@ from hiddenpool.strategy import Strategy
 __version__ = "0.1.0"
 
 __all__ = [
+    "Encoder",
     "Strategy",
+    "TokenReport",
     "cls",
     "eos",
     "first",

@@ -232,7 +232,11 @@ def _to_tensor(value: Any, device: Any) -> Any:
     array = np.asarray(value)
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
-    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+    array = np.ascontiguousarray(array)
+    if not array.flags.writeable:
+        # torch tensors cannot be read-only; a copy keeps the caller's array out of reach.
+        array = array.copy()
+    return torch.from_numpy(array).to(device)
 
 
 def _choose_backend(first_state: Any, backend: Backend | None) -> _Backend:
@@ -269,9 +273,10 @@ def _last_positions(mask: Any, use_torch: bool) -> Any:
     if use_torch:
         import torch
 
+        from hiddenpool.torch_backend import last_real
+
         real = mask != 0
-        tokens = real.shape[1]
-        last = tokens - 1 - torch.argmax(real.flip(1).to(torch.int8), dim=1)
+        last = last_real(real)
         return torch.where(real.any(dim=1), last, torch.full_like(last, -1))
     real = np.asarray(mask) != 0
     tokens = real.shape[1]

@@ -44,12 +44,16 @@ def pool(
     else:
         segments = [[(layer, 1.0) for layer in layers]]
 
+    if tokens == 0:
+        # Every row is empty (and has no position to gather at): all pools give zeros.
+        width = len(pools) * len(segments) * hidden
+        return torch.zeros((batch, width), dtype=accumulate, device=first_layer.device)
     counts = real.sum(dim=1)
     has_tokens = (counts > 0).unsqueeze(1)
     real_3d = real.unsqueeze(2)
     rank = torch.cumsum(real.to(torch.int64), dim=1)
-    first_position = torch.argmax(real.to(torch.int8), dim=1)
-    last_position = tokens - 1 - torch.argmax(real.flip(1).to(torch.int8), dim=1)
+    first_position = first_real(real)
+    last_position = last_real(real)
     blocks: list[torch.Tensor] = []
     for name in pools:
         for segment in segments:
@@ -146,8 +150,23 @@ def _pool_segment(
     return torch.where(has_tokens, total / torch.where(has_tokens, divisor, 1), zero)
 
 
+def first_real(flags: torch.Tensor) -> torch.Tensor:
+    """Per row, the first position where ``flags`` ``[B, T]`` is true; 0 where none is
+    (callers mask those rows out)."""
+    if flags.shape[1] == 0:
+        return torch.zeros(flags.shape[0], dtype=torch.int64, device=flags.device)
+    return torch.argmax(flags.to(torch.int8), dim=1)
+
+
+def last_real(flags: torch.Tensor) -> torch.Tensor:
+    """Per row, the last position where ``flags`` is true; T - 1 where none is."""
+    if flags.shape[1] == 0:
+        return torch.zeros(flags.shape[0], dtype=torch.int64, device=flags.device)
+    return flags.shape[1] - 1 - torch.argmax(flags.flip(1).to(torch.int8), dim=1)
+
+
 def find_token(input_ids: torch.Tensor, mask: torch.Tensor, token_id: int) -> torch.Tensor:
     """First real position of ``token_id`` per row, -1 where absent (on the ids' device)."""
     matches = (input_ids == token_id) & (mask.to(input_ids.device) != 0)
-    position = torch.argmax(matches.to(torch.int8), dim=1)
+    position = first_real(matches)
     return torch.where(matches.any(dim=1), position, torch.full_like(position, -1))
