@@ -348,41 +348,41 @@ impl<'data, T: Element> Job<'_, 'data, T> {
         let mut weighted = vec![zero; if needs_weighted { width } else { 0 }];
 
         for (segment_index, segment) in self.segments.iter().enumerate() {
-            if needs_sum || needs_max || needs_weighted {
-                // Blocks of the hidden axis small enough for the accumulators to stay in
-                // registers while every token of the row streams past.
-                let mut block_start = start;
-                while block_start < start + width {
-                    let len = BLOCK.min(start + width - block_start);
-                    let local = block_start - start;
-                    let accumulators = Accumulators {
-                        sum: if needs_sum {
-                            Some(&mut sum[local..local + len])
-                        } else {
-                            None
-                        },
-                        max: if needs_max {
-                            Some(&mut max[local..local + len])
-                        } else {
-                            None
-                        },
-                        weighted: if needs_weighted {
-                            Some(&mut weighted[local..local + len])
-                        } else {
-                            None
-                        },
-                    };
-                    self.accumulate_block(
-                        segment,
+            if needs_max || segment.len() == 1 {
+                self.accumulate_row(
+                    segment,
+                    row,
+                    start,
+                    width,
+                    (needs_sum, needs_max, needs_weighted),
+                    (&mut sum, &mut max, &mut weighted),
+                    (&mut loaded, &mut widened),
+                );
+            } else if needs_sum || needs_weighted {
+                // Only linear pools: the pool of a weighted sum of layers is the weighted
+                // sum of each layer's pool, and each layer alone is read in place (no
+                // per-token combining pass).
+                let one = T::Accumulator::from_f64(1.0);
+                sum.fill(zero);
+                weighted.fill(zero);
+                let mut layer_sum = vec![zero; sum.len()];
+                let mut layer_weighted = vec![zero; weighted.len()];
+                for &(layer, weight) in segment.iter() {
+                    self.accumulate_row(
+                        &[(layer, one)],
                         row,
-                        positions,
-                        block_start,
-                        len,
-                        accumulators,
-                        &mut loaded,
-                        &mut widened,
+                        start,
+                        width,
+                        (needs_sum, false, needs_weighted),
+                        (&mut layer_sum, &mut [], &mut layer_weighted),
+                        (&mut loaded, &mut widened),
                     );
-                    block_start += len;
+                    for (total, &part) in sum.iter_mut().zip(&layer_sum) {
+                        *total += weight * part;
+                    }
+                    for (total, &part) in weighted.iter_mut().zip(&layer_weighted) {
+                        *total += weight * part;
+                    }
                 }
             }
             for (pool_index, pool) in self.pools.iter().enumerate() {
@@ -435,6 +435,54 @@ impl<'data, T: Element> Job<'_, 'data, T> {
         }
     }
 
+    /// Fills `sum`, `max` and `weighted` (each `width` long where needed) for hidden elements
+    /// `start..start + width` of one row, block by block.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn accumulate_row(
+        &self,
+        segment: &[(usize, T::Accumulator)],
+        row: usize,
+        start: usize,
+        width: usize,
+        needs: (bool, bool, bool),
+        targets: (
+            &mut [T::Accumulator],
+            &mut [T::Accumulator],
+            &mut [T::Accumulator],
+        ),
+        scratch: (&mut [T::Accumulator], &mut [T::Accumulator]),
+    ) {
+        let (needs_sum, needs_max, needs_weighted) = needs;
+        if !(needs_sum || needs_max || needs_weighted) {
+            return;
+        }
+        let (sum, max, weighted) = targets;
+        let (loaded, widened) = scratch;
+        let positions = self.selection.row(row);
+        let mut block_start = start;
+        while block_start < start + width {
+            let len = BLOCK.min(start + width - block_start);
+            let local = block_start - start;
+            let accumulators = Accumulators {
+                sum: needs_sum.then(|| &mut sum[local..local + len]),
+                max: needs_max.then(|| &mut max[local..local + len]),
+                weighted: needs_weighted.then(|| &mut weighted[local..local + len]),
+            };
+            self.accumulate_block(
+                segment,
+                row,
+                positions,
+                block_start,
+                len,
+                accumulators,
+                loaded,
+                widened,
+            );
+            block_start += len;
+        }
+    }
+
     /// Sums, maxima and rank-weighted sums of hidden elements `start..start + len` over the
     /// row's real tokens, written into `accumulators` (each `len` long).
     ///
@@ -445,7 +493,7 @@ impl<'data, T: Element> Job<'_, 'data, T> {
     #[allow(clippy::too_many_arguments)]
     fn accumulate_block(
         &self,
-        segment: &Segment<T::Accumulator>,
+        segment: &[(usize, T::Accumulator)],
         row: usize,
         positions: &[usize],
         start: usize,
@@ -511,12 +559,17 @@ impl<'data, T: Element> Job<'_, 'data, T> {
         for (rank, &token) in positions.iter().enumerate().skip(groups * 4) {
             let values = self.load(segment, row, token, start, len, buffer0, widened);
             let values = &values[..len];
-            if needs_sum {
+            if needs_sum && needs_max {
+                // One pass for mean+max, the common pair: each value is loaded once.
+                for ((total, largest), &value) in sum.iter_mut().zip(max.iter_mut()).zip(values) {
+                    *total += value;
+                    *largest = nan_max(*largest, value);
+                }
+            } else if needs_sum {
                 for (total, &value) in sum.iter_mut().zip(values) {
                     *total += value;
                 }
-            }
-            if needs_max {
+            } else if needs_max {
                 for (largest, &value) in max.iter_mut().zip(values) {
                     *largest = nan_max(*largest, value);
                 }
@@ -545,7 +598,7 @@ impl<'data, T: Element> Job<'_, 'data, T> {
     #[inline(always)]
     fn load<'s>(
         &self,
-        segment: &Segment<T::Accumulator>,
+        segment: &[(usize, T::Accumulator)],
         row: usize,
         token: usize,
         start: usize,
@@ -559,7 +612,7 @@ impl<'data, T: Element> Job<'_, 'data, T> {
         let loaded = &mut loaded[..width];
         let widened = &mut widened[..width];
         let one = T::Accumulator::from_f64(1.0);
-        if let [(layer, weight)] = segment.as_slice() {
+        if let [(layer, weight)] = segment {
             if *weight == one {
                 let slice = self.layers[*layer].token(row, token, start, width);
                 if let TokenSlice::Contiguous(values) = slice {
