@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test build rust-test lint python-test wheel-test bench clean
+.PHONY: demo test build rust-test lint python-test wheel-test bench valgrind clean
 
 $(STAMP): requirements/dev.txt pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -56,6 +56,17 @@ test: rust-test lint python-test wheel-test
 
 bench: build
 	$(PYTHON) benches/run.py
+
+# Memory checking (not part of `make test`: minutes, and valgrind must be installed):
+# the Rust unit and property tests, then the Python smoke run with the system allocator.
+valgrind: build
+	mkdir -p build
+	cargo test --release --lib --no-run 2>&1 | tee build/cargo-test-build.log
+	valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite \
+		$$(grep -o 'target/release/deps/hiddenpool-[0-9a-f]*' build/cargo-test-build.log | head -1) --test-threads=1
+	PYTHONMALLOC=malloc valgrind --leak-check=no --num-callers=30 \
+		--log-file=build/valgrind-python.log $(PYTHON) scripts/valgrind_smoke.py
+	$(PYTHON) scripts/valgrind_report.py build/valgrind-python.log
 
 clean:
 	rm -rf $(VENV) target dist build
