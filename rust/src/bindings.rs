@@ -610,6 +610,20 @@ fn find_token<'py>(
     Ok(PyArray1::from_vec(py, positions))
 }
 
+/// Panics inside the same guarded runner the kernels use, on the calling thread or on the
+/// worker pool: proves that a Rust panic reaches Python as an exception (tests only).
+#[pyfunction]
+fn _panic_for_tests(py: Python<'_>, on_workers: bool) -> PyResult<()> {
+    let bytes = if on_workers {
+        PARALLEL_THRESHOLD_BYTES
+    } else {
+        0
+    };
+    run(py, bytes, |_| -> Result<(), KernelError> {
+        panic!("deliberate panic for a test")
+    })
+}
+
 /// Sets the number of worker threads for large inputs (default: every core).
 #[pyfunction]
 fn set_num_threads(count: i64) -> PyResult<()> {
@@ -635,6 +649,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(find_token, module)?)?;
     module.add_function(wrap_pyfunction!(set_num_threads, module)?)?;
     module.add_function(wrap_pyfunction!(get_num_threads, module)?)?;
+    module.add_function(wrap_pyfunction!(_panic_for_tests, module)?)?;
     module.add(
         "POOLS",
         Pool::ALL.iter().map(|pool| pool.name()).collect::<Vec<_>>(),
