@@ -49,7 +49,7 @@ def _load_encoder(arguments: argparse.Namespace) -> tuple[Any, str]:
 
     from hiddenpool.encoder import Encoder
 
-    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
         encoder = Encoder.from_pretrained(
             model, device=arguments.device, max_length=arguments.max_length
