@@ -196,3 +196,26 @@ def test_models_without_text_input_are_refused_by_name():
     _, tokenizer = tiny_models.bert()
     with pytest.raises(ValueError, match=r"ViTModel .*model_type 'vit'.* takes no input_ids"):
         Encoder(transformers.ViTModel(config), tokenizer)
+
+
+def test_truncation_is_counted_for_tokenizers_without_encodings():
+    """Slow (Python) tokenizers return no `encodings`; truncation is measured instead."""
+    import transformers
+
+    model, fast = tiny_models.bert()
+
+    class WithoutEncodings:
+        def __init__(self, tokenizer):
+            self._tokenizer = tokenizer
+
+        def __call__(self, *args, **kwargs):
+            return transformers.BatchEncoding(dict(self._tokenizer(*args, **kwargs)))
+
+        def __getattr__(self, name):
+            return getattr(self._tokenizer, name)
+
+    encoder = Encoder(model, WithoutEncodings(fast), max_length=6)
+    texts = ["the cat", "the cat sat on the mat", "a b c d e"]  # 4, 8 and 7 tokens
+    with pytest.warns(UserWarning, match="2 of 3 texts were longer than max_length=6"):
+        result = encoder.encode(texts)
+    np.testing.assert_allclose(result, Encoder(model, fast, max_length=6).encode(texts), atol=1e-6)

@@ -310,8 +310,14 @@ class Encoder:
         import torch
 
         inputs = self._tokenize(texts)
-        encodings = getattr(inputs, "encodings", None) or []
-        self._last_truncated = sum(1 for encoding in encodings if encoding.overflowing)
+        encodings = getattr(inputs, "encodings", None)
+        if encodings is not None:
+            # Fast tokenizers keep what truncation cut off.
+            self._last_truncated = sum(1 for encoding in encodings if encoding.overflowing)
+        else:
+            # Slow tokenizers do not: measure the untruncated lengths instead.
+            full = self.tokenizer(texts, truncation=False)["input_ids"]
+            self._last_truncated = sum(1 for ids in full if len(ids) > self.max_length)
         device = self.device
         ids = inputs["input_ids"].to(device)
         mask = inputs["attention_mask"].to(device)
