@@ -327,3 +327,17 @@ def test_strategy_round_trip_and_canonical_form():
     assert Strategy.parse("mean@first_last:mean").resolve_layers(13) == [1, 12]
     assert Strategy.parse("mean@all:mean").resolve_layers(4) == [1, 2, 3]
     assert Strategy.parse("mean@1,-1:concat").resolve_layers(4) == [1, 3]
+
+
+def test_no_mask_means_every_token_is_real():
+    layers, _, _ = make_batch(13)
+    every = np.ones(layers[-1].shape[:2], dtype=bool)
+    for backend in ("rust", "torch"):
+        result = hiddenpool.pool(layers, None, "mean+max@last2:concat", backend=backend)
+        np.testing.assert_allclose(
+            result, reference.pool(layers[-2:], every, ["mean", "max"], "concat"), atol=1e-6
+        )
+    torch_result = hiddenpool.mean(torch.from_numpy(layers[-1]), None)
+    np.testing.assert_allclose(
+        torch_result.numpy(), reference.pool([layers[-1]], every, ["mean"]), atol=1e-6
+    )

@@ -179,7 +179,15 @@ class _Backend:
         self.torch_output = torch_output
         self.device = device
 
-    def mask(self, attention_mask: Any) -> Any:
+    def mask(self, attention_mask: Any, like: Any) -> Any:
+        """The mask in this backend's form; None means every token of ``like`` is real."""
+        if attention_mask is None:
+            shape = tuple(like.shape[:2]) if len(like.shape) >= 2 else (0, 0)
+            if self.use_torch:
+                import torch
+
+                return torch.ones(shape, dtype=torch.bool, device=self.device)
+            return np.ones(shape, dtype=np.bool_)
         if self.use_torch:
             return _to_tensor(attention_mask, self.device)
         mask, _ = _as_numpy(attention_mask, "attention_mask")
@@ -310,7 +318,8 @@ def pool(
     with ``output_hidden_states=True`` (index 0 = embeddings), or a ModelOutput (its
     ``hidden_states`` with ``last_hidden_state`` as the last entry, else
     ``last_hidden_state`` alone). float32, float64, float16 or bfloat16.
-    ``attention_mask``: ``[B, T]``, nonzero = real token; padding on either side, holes allowed.
+    ``attention_mask``: ``[B, T]``, nonzero = real token; padding on either side, holes
+    allowed; None means every token is real.
     ``strategy``: ``POOL[+POOL...]@LAYERS[:COMBINE]`` (see ``hiddenpool.strategy``) or a
     ``Strategy``; a list of them returns ``{str(strategy as given): result}``, with strategies
     on the same layers computed in one pass.
@@ -356,7 +365,7 @@ def pool(
     used = sorted({index for _, indices, _, _ in plans for index in indices})
     converted, is_bfloat16 = chosen.states([states[index] for index in used])
     by_index = dict(zip(used, converted, strict=True))
-    mask = chosen.mask(attention_mask)
+    mask = chosen.mask(attention_mask, converted[0])
     _check_shapes(converted, mask)
 
     if empty == "raise":
