@@ -521,9 +521,31 @@ impl<'data, T: Element> Job<'_, 'data, T> {
         // folding four converted tokens before touching the running values.
         let group_tokens = T::as_accumulator_slice(&[]).is_none();
         let groups = if group_tokens { positions.len() / 4 } else { 0 };
+        // Sum alone over one layer (mean, the common case): widen inside the fold, with no
+        // buffers in between.
+        let direct_layer = match segment {
+            [(layer, weight)]
+                if needs_sum
+                    && !needs_max
+                    && !needs_weighted
+                    && *weight == T::Accumulator::from_f64(1.0) =>
+            {
+                Some(&self.layers[*layer])
+            }
+            _ => None,
+        };
         for group in 0..groups {
             let rank = group * 4;
             let tokens = &positions[rank..rank + 4];
+            if let Some(layer) = direct_layer {
+                let slices = [0, 1, 2, 3].map(|slot| layer.token(row, tokens[slot], start, len));
+                if let [TokenSlice::Contiguous(a), TokenSlice::Contiguous(b), TokenSlice::Contiguous(c), TokenSlice::Contiguous(d)] =
+                    slices
+                {
+                    T::fold_four_into(sum, [a, b, c, d]);
+                    continue;
+                }
+            }
             let v0 = self.load(segment, row, tokens[0], start, len, buffer0, widened);
             let v1 = self.load(segment, row, tokens[1], start, len, buffer1, widened);
             let v2 = self.load(segment, row, tokens[2], start, len, buffer2, widened);
@@ -982,27 +1004,43 @@ mod tests {
 
     #[test]
     fn nan_anywhere_in_a_group_of_tokens_reaches_max_and_mean() {
-        // Half types fold four tokens at a time; a NaN in any slot must still propagate.
-        for slot in 0..9 {
-            let mut values = vec![f16::from_f32(1.0); 9];
-            values[slot] = f16::NAN;
-            let view = LayerView::contiguous(&values, [1, 9, 1]).unwrap();
-            let selection = TokenSelection::from_contiguous_mask(&[1u8; 9], 1, 9).unwrap();
-            let pools = [Pool::Max, Pool::Mean, Pool::WeightedMean];
-            let out = pool_layers(
-                &[view],
-                &selection,
-                &pools,
-                &Combine::Sum,
-                None,
-                Execution::Sequential,
-            )
-            .unwrap();
-            assert!(
-                out.values.iter().all(|v| v.is_nan()),
-                "slot {slot}: {:?}",
-                out.values
-            );
+        // Half types fold four tokens at a time (mean alone takes a direct path; 17 hidden
+        // elements cover both the 8-wide body and the tail); a NaN in any slot must still
+        // propagate.
+        let pool_sets: [&[Pool]; 4] = [
+            &[Pool::Mean],
+            &[Pool::Max],
+            &[Pool::WeightedMean],
+            &[Pool::Mean, Pool::Max],
+        ];
+        for pools in pool_sets {
+            for slot in 0..9 {
+                for hidden in [1usize, 17] {
+                    let mut values = vec![f16::from_f32(1.0); 9 * hidden];
+                    values[slot * hidden + hidden - 1] = f16::NAN;
+                    let view = LayerView::contiguous(&values, [1, 9, hidden]).unwrap();
+                    let selection = TokenSelection::from_contiguous_mask(&[1u8; 9], 1, 9).unwrap();
+                    let out = pool_layers(
+                        &[view],
+                        &selection,
+                        pools,
+                        &Combine::Sum,
+                        None,
+                        Execution::Sequential,
+                    )
+                    .unwrap();
+                    for chunk in out.values.chunks(hidden) {
+                        assert!(
+                            chunk[hidden - 1].is_nan(),
+                            "{pools:?} slot {slot}: {chunk:?}"
+                        );
+                        assert!(
+                            chunk[..hidden - 1].iter().all(|v| *v == 1.0),
+                            "{pools:?}: {chunk:?}"
+                        );
+                    }
+                }
+            }
         }
     }
 
