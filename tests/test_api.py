@@ -341,3 +341,21 @@ def test_no_mask_means_every_token_is_real():
     np.testing.assert_allclose(
         torch_result.numpy(), reference.pool([layers[-1]], every, ["mean"]), atol=1e-6
     )
+
+
+def test_mixed_numpy_and_torch_arguments():
+    layers, mask, ids = make_batch(14)
+    expected = expected_for("mean+eos@last", layers, mask, ids)
+    # numpy hidden states with torch mask and ids, and the other way round.
+    mixed = hiddenpool.pool(
+        layers,
+        torch.from_numpy(mask),
+        "mean+eos@last",
+        input_ids=torch.from_numpy(ids),
+        eos_token_id=EOS,
+    )
+    assert isinstance(mixed, np.ndarray)
+    np.testing.assert_allclose(mixed, expected, atol=1e-6)
+    tensors = [torch.from_numpy(x) for x in layers]
+    other = hiddenpool.pool(tensors, mask, "mean+eos@last", input_ids=ids, eos_token_id=EOS)
+    np.testing.assert_allclose(other.numpy(), expected, atol=1e-6)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -99,7 +100,7 @@ def _as_numpy(value: Any, argument: str) -> tuple[np.ndarray, bool]:
             raise ValueError(f"{argument}: tensor on {tensor.device} cannot go to the Rust kernels")
         if tensor.dtype == torch.bfloat16:
             return tensor.view(torch.int16).numpy(), True
-        if tensor.is_complex() or tensor.dtype not in _TORCH_TO_NUMPY_OK:
+        if tensor.is_complex() or tensor.dtype not in _numpy_compatible_torch_dtypes():
             raise TypeError(f"{argument}: unsupported dtype {tensor.dtype} ({_describe(value)})")
         return tensor.resolve_conj().resolve_neg().numpy(), False
     if isinstance(value, np.ndarray):
@@ -112,25 +113,24 @@ def _as_numpy(value: Any, argument: str) -> tuple[np.ndarray, bool]:
     raise TypeError(f"{argument}: expected an array or tensor, got {type(value).__name__}")
 
 
-def _torch_dtypes() -> set[Any]:
-    try:
-        import torch
-    except ImportError:
-        return set()
-    return {
-        torch.float32,
-        torch.float64,
-        torch.float16,
-        torch.bool,
-        torch.int8,
-        torch.uint8,
-        torch.int16,
-        torch.int32,
-        torch.int64,
-    }
+@functools.cache
+def _numpy_compatible_torch_dtypes() -> frozenset[Any]:
+    """torch dtypes whose CPU tensors ``.numpy()`` shares without conversion."""
+    import torch
 
-
-_TORCH_TO_NUMPY_OK: set[Any] = set()
+    return frozenset(
+        {
+            torch.float32,
+            torch.float64,
+            torch.float16,
+            torch.bool,
+            torch.int8,
+            torch.uint8,
+            torch.int16,
+            torch.int32,
+            torch.int64,
+        }
+    )
 
 
 def _check_shapes(states: Sequence[Any], mask: Any, packed: bool = False) -> tuple[int, int, int]:
@@ -252,9 +252,6 @@ def _choose_backend(first_state: Any, backend: Backend | None) -> _Backend:
     if chosen not in ("auto", "rust", "torch"):
         raise ValueError(f"backend: expected 'auto', 'rust' or 'torch', got {chosen!r}")
     if _is_torch(first_state):
-        global _TORCH_TO_NUMPY_OK
-        if not _TORCH_TO_NUMPY_OK:
-            _TORCH_TO_NUMPY_OK = _torch_dtypes()
         on_cpu = first_state.device.type == "cpu"
         if chosen == "rust" and not on_cpu:
             raise ValueError(
