@@ -187,6 +187,8 @@ def test_model_output_uses_hidden_states_with_last_hidden_state_last():
     np.testing.assert_allclose(
         second.numpy(), reference.pool([layers[-2]], mask, ["mean"]), atol=1e-6
     )
+    as_dict = {"hidden_states": output.hidden_states, "last_hidden_state": output.last_hidden_state}
+    torch.testing.assert_close(hiddenpool.pool(as_dict, torch.from_numpy(mask), "mean@-2"), second)
     only_last = BaseModelOutputWithPooling(last_hidden_state=torch.from_numpy(final))
     with pytest.raises(ValueError, match="out of range for 1 hidden state"):
         hiddenpool.pool(only_last, torch.from_numpy(mask), "mean@-2")

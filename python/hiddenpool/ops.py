@@ -59,8 +59,13 @@ def _is_torch(value: object) -> bool:
 def _states_from(hidden_states: object) -> list[Any]:
     """One array, a sequence of arrays, or a ModelOutput, as a list of hidden states."""
     if isinstance(hidden_states, Mapping) or hasattr(hidden_states, "last_hidden_state"):
-        all_states = getattr(hidden_states, "hidden_states", None)
-        last = getattr(hidden_states, "last_hidden_state", None)
+        # ModelOutput is a mapping with attributes; a plain dict has only the mapping.
+        if isinstance(hidden_states, Mapping):
+            all_states = hidden_states.get("hidden_states")
+            last = hidden_states.get("last_hidden_state")
+        else:
+            all_states = getattr(hidden_states, "hidden_states", None)
+            last = getattr(hidden_states, "last_hidden_state", None)
         if all_states is not None:
             states = list(all_states)
             # last_hidden_state is the model's final output (after CLIP's final layer norm),
