@@ -328,3 +328,24 @@ def test_cli_with_the_default_model_and_shipped_pairs(tmp_path):
     vectors = np.load(output)
     assert vectors.shape == (2, 384)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+
+
+def test_bench_prints_a_table_and_refuses_bad_shapes():
+    result = run_cli(
+        "bench",
+        "--shapes",
+        "2x8x16",
+        "--dtypes",
+        "float32",
+        "--operations",
+        "mean",
+        "last",
+        "--repeat",
+        "3",
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 2x8x16 | float32 |")]
+    assert {row.split("|")[3].strip() for row in rows} == {"mean", "last"}
+    assert all("x faster" in row for row in rows)
+    bad = run_cli("bench", "--shapes", "2by8", "--repeat", "3")
+    assert bad.returncode == 2 and "expected BxTxH" in bad.stderr and "Traceback" not in bad.stderr

@@ -302,7 +302,6 @@ fn parse_request(
     pools: Vec<String>,
     combine: &str,
     layer_weights: Option<Vec<f64>>,
-    layer_count: usize,
 ) -> PyResult<(Vec<Pool>, Combine)> {
     let pools = pools
         .iter()
@@ -337,9 +336,6 @@ fn parse_request(
             )))
         }
     };
-    if layer_count > 1 && pools.is_empty() {
-        return Err(PyValueError::new_err("pools: needs at least one pool"));
-    }
     Ok((pools, combine))
 }
 
@@ -530,7 +526,7 @@ fn pool<'py>(
             mask.shape, layers[0].shape
         )));
     }
-    let (pools, combine) = parse_request(pools, combine, layer_weights, layers.len())?;
+    let (pools, combine) = parse_request(pools, combine, layer_weights)?;
     let index = borrow_index(index)?;
     let selection = selection_from_mask(&mask).map_err(kernel_error)?;
     let request = Request {
@@ -558,7 +554,7 @@ fn pool_packed<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let layers = borrow_layers(hidden_states, 2, bfloat16)?;
     let offsets = ArrayMemory::borrow("offsets", offsets, 1, &ID_KINDS, false)?.to_i64_vec();
-    let (pools, combine) = parse_request(pools, combine, layer_weights, layers.len())?;
+    let (pools, combine) = parse_request(pools, combine, layer_weights)?;
     let index = borrow_index(index)?;
     let selection =
         TokenSelection::from_offsets(&offsets, layers[0].shape[0]).map_err(kernel_error)?;
