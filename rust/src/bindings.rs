@@ -426,6 +426,37 @@ struct Request<'a> {
     index: Option<&'a [i64]>,
 }
 
+/// The validated, owned form of a call's pool, combine and index arguments.
+struct ParsedRequest {
+    pools: Vec<Pool>,
+    combine: Combine,
+    index: Option<Vec<i64>>,
+}
+
+impl ParsedRequest {
+    fn parse(
+        pools: Vec<String>,
+        combine: &str,
+        layer_weights: Option<Vec<f64>>,
+        index: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let (pools, combine) = parse_request(pools, combine, layer_weights)?;
+        Ok(ParsedRequest {
+            pools,
+            combine,
+            index: borrow_index(index)?,
+        })
+    }
+
+    fn borrowed(&self) -> Request<'_> {
+        Request {
+            pools: &self.pools,
+            combine: &self.combine,
+            index: self.index.as_deref(),
+        }
+    }
+}
+
 fn pool_typed<'py, T: Element>(
     py: Python<'py>,
     layers: &[ArrayMemory<'py>],
@@ -526,15 +557,9 @@ fn pool<'py>(
             mask.shape, layers[0].shape
         )));
     }
-    let (pools, combine) = parse_request(pools, combine, layer_weights)?;
-    let index = borrow_index(index)?;
     let selection = selection_from_mask(&mask).map_err(kernel_error)?;
-    let request = Request {
-        pools: &pools,
-        combine: &combine,
-        index: index.as_deref(),
-    };
-    dispatch(py, &layers, &selection, None, &request)
+    let request = ParsedRequest::parse(pools, combine, layer_weights, index)?;
+    dispatch(py, &layers, &selection, None, &request.borrowed())
 }
 
 /// Pools packed hidden states `[N, H]` (one array per layer) whose rows are delimited by
@@ -554,16 +579,16 @@ fn pool_packed<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let layers = borrow_layers(hidden_states, 2, bfloat16)?;
     let offsets = ArrayMemory::borrow("offsets", offsets, 1, &ID_KINDS, false)?.to_i64_vec();
-    let (pools, combine) = parse_request(pools, combine, layer_weights)?;
-    let index = borrow_index(index)?;
     let selection =
         TokenSelection::from_offsets(&offsets, layers[0].shape[0]).map_err(kernel_error)?;
-    let request = Request {
-        pools: &pools,
-        combine: &combine,
-        index: index.as_deref(),
-    };
-    dispatch(py, &layers, &selection, Some(selection.rows()), &request)
+    let request = ParsedRequest::parse(pools, combine, layer_weights, index)?;
+    dispatch(
+        py,
+        &layers,
+        &selection,
+        Some(selection.rows()),
+        &request.borrowed(),
+    )
 }
 
 /// For each row, the position of the first real token whose id is `token_id`; -1 where a
