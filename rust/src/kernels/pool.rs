@@ -944,39 +944,41 @@ mod tests {
         assert!(LayerView::new(&data, 0, [0, 3, 2], [6, 2, 1]).is_ok());
     }
 
+    /// One contiguous layer pooled under a contiguous `[rows, tokens]` mask.
+    fn pool_one_layer<T: Element>(
+        data: &[T],
+        shape: [usize; 3],
+        mask: &[u8],
+        pools: &[Pool],
+        execution: Execution,
+    ) -> Vec<T::Accumulator> {
+        let view = LayerView::contiguous(data, shape).unwrap();
+        let selection = TokenSelection::from_contiguous_mask(mask, shape[0], shape[1]).unwrap();
+        pool_layers(&[view], &selection, pools, &Combine::Sum, None, execution)
+            .unwrap()
+            .values
+    }
+
     #[test]
     fn half_precision_accumulates_in_float32() {
-        let tokens = 4096;
-        let data = vec![f16::from_f32(30.0); tokens];
-        let view = LayerView::contiguous(&data, [1, tokens, 1]).unwrap();
-        let selection =
-            TokenSelection::from_contiguous_mask(&vec![1u8; tokens], 1, tokens).unwrap();
-        let out = pool_layers(
-            &[view],
-            &selection,
+        let thirties = vec![f16::from_f32(30.0); 4096];
+        let mean = pool_one_layer(
+            &thirties,
+            [1, 4096, 1],
+            &[1; 4096],
             &[Pool::Mean],
-            &Combine::Sum,
-            None,
             Execution::Parallel,
-        )
-        .unwrap();
-        assert_eq!(out.values, vec![30.0f32]);
-
-        let tokens = 70000;
-        let data = vec![bf16::from_f32(1.0); tokens];
-        let view = LayerView::contiguous(&data, [1, tokens, 1]).unwrap();
-        let selection =
-            TokenSelection::from_contiguous_mask(&vec![true; tokens], 1, tokens).unwrap();
-        let out = pool_layers(
-            &[view],
-            &selection,
+        );
+        assert_eq!(mean, vec![30.0f32]);
+        let ones = vec![bf16::from_f32(1.0); 70000];
+        let sum = pool_one_layer(
+            &ones,
+            [1, 70000, 1],
+            &[1; 70000],
             &[Pool::Sum],
-            &Combine::Sum,
-            None,
             Execution::Sequential,
-        )
-        .unwrap();
-        assert_eq!(out.values, vec![70000.0f32]);
+        );
+        assert_eq!(sum, vec![70000.0f32]);
     }
 
     #[test]
@@ -984,22 +986,12 @@ mod tests {
         let nan = f32::NAN;
         // Row 0: real tokens 1.0, 3.0 then NaN/inf padding. Row 1: NaN in a real token.
         let data = vec![1.0, 3.0, nan, f32::INFINITY, 2.0, nan, 5.0, 7.0];
-        let view = LayerView::contiguous(&data, [2, 4, 1]).unwrap();
         let mask = [1u8, 1, 0, 0, 1, 1, 1, 0];
-        let selection = TokenSelection::from_contiguous_mask(&mask, 2, 4).unwrap();
         let pools = [Pool::Mean, Pool::Max, Pool::Last];
-        let out = pool_layers(
-            &[view],
-            &selection,
-            &pools,
-            &Combine::Sum,
-            None,
-            Execution::Sequential,
-        )
-        .unwrap();
-        assert_eq!(&out.values[..3], &[2.0, 3.0, 3.0]);
-        assert!(out.values[3].is_nan() && out.values[4].is_nan());
-        assert_eq!(out.values[5], 5.0);
+        let out = pool_one_layer(&data, [2, 4, 1], &mask, &pools, Execution::Sequential);
+        assert_eq!(&out[..3], &[2.0, 3.0, 3.0]);
+        assert!(out[3].is_nan() && out[4].is_nan());
+        assert_eq!(out[5], 5.0);
     }
 
     #[test]
@@ -1018,18 +1010,14 @@ mod tests {
                 for hidden in [1usize, 17] {
                     let mut values = vec![f16::from_f32(1.0); 9 * hidden];
                     values[slot * hidden + hidden - 1] = f16::NAN;
-                    let view = LayerView::contiguous(&values, [1, 9, hidden]).unwrap();
-                    let selection = TokenSelection::from_contiguous_mask(&[1u8; 9], 1, 9).unwrap();
-                    let out = pool_layers(
-                        &[view],
-                        &selection,
+                    let out = pool_one_layer(
+                        &values,
+                        [1, 9, hidden],
+                        &[1; 9],
                         pools,
-                        &Combine::Sum,
-                        None,
                         Execution::Sequential,
-                    )
-                    .unwrap();
-                    for chunk in out.values.chunks(hidden) {
+                    );
+                    for chunk in out.chunks(hidden) {
                         assert!(
                             chunk[hidden - 1].is_nan(),
                             "{pools:?} slot {slot}: {chunk:?}"
