@@ -234,7 +234,7 @@ class Encoder:
 
         if not texts:
             # One forward pass on an empty text gives each strategy's width.
-            widths = self._encode_batch([""], keys, needs_all_states, missing_eos, None)
+            widths, _ = self._encode_batch([""], keys, needs_all_states, missing_eos, None)
             empty = {
                 key: np.zeros((0, value.shape[1]), np.float32) for key, value in widths.items()
             }
@@ -252,10 +252,10 @@ class Encoder:
         truncated = 0
         with torch.inference_mode():
             for batch in iterator:
-                pooled = self._encode_batch(
+                pooled, batch_truncated = self._encode_batch(
                     [texts[index] for index in batch], keys, needs_all_states, missing_eos, timings
                 )
-                truncated += self._last_truncated
+                truncated += batch_truncated
                 for key, value in pooled.items():
                     if key not in results:
                         results[key] = np.empty((len(texts), value.shape[1]), dtype=np.float32)
@@ -306,18 +306,19 @@ class Encoder:
         needs_all_states: bool,
         missing_eos: Any,
         timings: dict[str, float] | None,
-    ) -> dict[str, np.ndarray]:
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """Pooled results of one batch, and how many of its texts were truncated."""
         import torch
 
         inputs = self._tokenize(texts)
         encodings = getattr(inputs, "encodings", None)
         if encodings is not None:
             # Fast tokenizers keep what truncation cut off.
-            self._last_truncated = sum(1 for encoding in encodings if encoding.overflowing)
+            truncated = sum(1 for encoding in encodings if encoding.overflowing)
         else:
             # Slow tokenizers do not: measure the untruncated lengths instead.
             full = self.tokenizer(texts, truncation=False)["input_ids"]
-            self._last_truncated = sum(1 for ids in full if len(ids) > self.max_length)
+            truncated = sum(1 for ids in full if len(ids) > self.max_length)
         device = self.device
         ids = inputs["input_ids"].to(device)
         mask = inputs["attention_mask"].to(device)
@@ -352,7 +353,7 @@ class Encoder:
             if self._projection is not None:
                 value = self._projection(value.to(self._projection.weight.dtype))
             result[key] = value.float().cpu().numpy()
-        return result
+        return result, truncated
 
     def _eos_inputs(self, ids: Any) -> tuple[Any, int | None]:
         """The ids and id the ``eos`` pool looks for. Old CLIP configs (eos_token_id 2) take
