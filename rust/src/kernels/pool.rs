@@ -502,16 +502,16 @@ impl<'data, T: Element> Job<'_, 'data, T> {
         loaded: &mut [T::Accumulator],
         widened: &mut [T::Accumulator],
     ) {
-        let zero = T::Accumulator::ZERO;
-        let mut sum = [zero; BLOCK];
-        let mut max = [T::Accumulator::NEG_INFINITY; BLOCK];
-        let mut weighted = [zero; BLOCK];
-        let (sum, max, weighted) = (&mut sum[..len], &mut max[..len], &mut weighted[..len]);
         let (needs_sum, needs_max, needs_weighted) = (
             accumulators.sum.is_some(),
             accumulators.max.is_some(),
             accumulators.weighted.is_some(),
         );
+        // The running values live in the callers' row buffers (L1-sized); an unneeded one
+        // is an empty slice that the loops below never touch.
+        let sum = start_at(accumulators.sum, T::Accumulator::ZERO);
+        let max = start_at(accumulators.max, T::Accumulator::NEG_INFINITY);
+        let weighted = start_at(accumulators.weighted, T::Accumulator::ZERO);
         let rank_weight = |rank: usize| T::Accumulator::from_f64((rank + 1) as f64);
         let (buffers, widened) = (&mut loaded[..4 * len], &mut widened[..len]);
         let (first_pair, second_pair) = buffers.split_at_mut(2 * len);
@@ -603,15 +603,6 @@ impl<'data, T: Element> Job<'_, 'data, T> {
                 }
             }
         }
-        if let Some(target) = accumulators.sum {
-            target.copy_from_slice(sum);
-        }
-        if let Some(target) = accumulators.max {
-            target.copy_from_slice(max);
-        }
-        if let Some(target) = accumulators.weighted {
-            target.copy_from_slice(weighted);
-        }
     }
 
     /// One token's combined hidden chunk, widened to the accumulator type. f32 and f64
@@ -673,6 +664,14 @@ impl<'data, T: Element> Job<'_, 'data, T> {
         }
         loaded
     }
+}
+
+/// A running-value buffer set to its starting value, or an empty slice when not needed.
+#[inline(always)]
+fn start_at<A: Accumulator>(target: Option<&mut [A]>, initial: A) -> &mut [A] {
+    let target = target.unwrap_or_default();
+    target.fill(initial);
+    target
 }
 
 /// The larger of two values, NaN if either is NaN (as torch.amax). Written as a select,
