@@ -269,8 +269,9 @@ fn segments<A: Accumulator>(
     })
 }
 
-/// Hidden elements per accumulator block. Whole token rows stream best: blocks narrower
-/// than the row turn the walk over tokens into a strided one the prefetchers miss.
+/// Hidden elements per accumulation pass over a row's tokens; it bounds the four token
+/// buffers of the folded path. Wide on purpose: whole token rows stream best, and blocks
+/// narrower than the row turn the walk over tokens into a strided one the prefetchers miss.
 const BLOCK: usize = 2048;
 
 /// Where one block's running results go; None for those no requested pool needs.
@@ -290,9 +291,6 @@ struct Job<'job, 'data, T: Element> {
 }
 
 impl<'data, T: Element> Job<'_, 'data, T> {
-    /// Pools hidden elements `start..start + width` of one row into `out`, laid out as
-    /// `[pool][segment][out_hidden]` with this chunk at `start` (or at 0 when `out_hidden`
-    /// equals `width`, for a chunk-local buffer).
     /// `pool_chunk` compiled for AVX2, FMA and F16C where the processor has them.
     fn pool_chunk_dispatch(
         &self,
@@ -324,6 +322,9 @@ impl<'data, T: Element> Job<'_, 'data, T> {
         self.pool_chunk(row, start, width, out, out_hidden);
     }
 
+    /// Pools hidden elements `start..start + width` of one row into `out`, laid out as
+    /// `[pool][segment][out_hidden]` with this chunk at `start` (or at 0 when `out_hidden`
+    /// equals `width`, for a chunk-local buffer).
     #[inline(always)]
     fn pool_chunk(
         &self,
