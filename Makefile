@@ -33,7 +33,7 @@ demo: build
 rust-test: $(STAMP)
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
-	cargo test --release
+	cargo test --release --lib
 
 lint: $(STAMP)
 	ruff check python tests benches scripts
