@@ -8,11 +8,10 @@ This module is imported only when a torch tensor arrives.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
-
-KERNEL_POOLS = ("mean", "sum", "max", "mean_sqrt_len", "weighted_mean", "first", "last", "index")
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -29,10 +28,10 @@ def pool(
 ) -> torch.Tensor:
     """The torch twin of ``_native.pool``: ``layers`` are ``[B, T, H]`` tensors on one
     device, ``mask`` ``[B, T]`` (nonzero = real token), ``index`` ``[B]`` int64 (-1: none).
-    Returns ``[B, D]`` in float32 (float64 for float64 input)."""
+    Returns ``[B, D]`` in float32 (float64 for float64 input), laid out as the kernels do:
+    ``[pool 0: segment 0, segment 1, ...][pool 1: ...]``."""
     first_layer = layers[0]
     accumulate = accumulator_dtype(first_layer.dtype)
-    real = (mask != 0).to(first_layer.device)
     batch, tokens, hidden = first_layer.shape
     if combine == "concat":
         segments = [[(layer, 1.0)] for layer in layers]
@@ -43,39 +42,86 @@ def pool(
         segments = [[(layer, 1.0 / len(layers)) for layer in layers]]
     else:
         segments = [[(layer, 1.0) for layer in layers]]
-
-    if tokens == 0:
+    if tokens == 0 or not pools:
         # Every row is empty (and has no position to gather at): all pools give zeros.
         width = len(pools) * len(segments) * hidden
         return torch.zeros((batch, width), dtype=accumulate, device=first_layer.device)
-    counts = real.sum(dim=1)
-    has_tokens = (counts > 0).unsqueeze(1)
-    real_3d = real.unsqueeze(2)
-    rank = torch.cumsum(real.to(torch.int64), dim=1)
-    first_position = first_real(real)
-    last_position = last_real(real)
-    blocks: list[torch.Tensor] = []
-    for name in pools:
-        for segment in segments:
-            blocks.append(
-                _pool_segment(
-                    name,
-                    segment,
-                    accumulate,
-                    real_3d,
-                    counts,
-                    has_tokens,
-                    rank,
-                    first_position,
-                    last_position,
-                    index,
-                    batch,
-                    hidden,
-                )
+    rows = _Rows((mask != 0).to(first_layer.device), accumulate, index)
+    pooled = [_Segment(segment, rows) for segment in segments]
+    return torch.cat([segment.pool(name) for name in pools for segment in pooled], dim=1)
+
+
+class _Rows:
+    """What the mask says about each row, computed once per call and only when a pool
+    asks for it."""
+
+    def __init__(self, real: torch.Tensor, accumulate: torch.dtype, index: torch.Tensor | None):
+        self.real = real
+        self.accumulate = accumulate
+        self.index = index
+        self.real_3d = real.unsqueeze(2)
+        self.zero = torch.zeros((), dtype=accumulate, device=real.device)
+
+    @functools.cached_property
+    def count(self) -> torch.Tensor:
+        return self.real.sum(dim=1).to(self.accumulate).unsqueeze(1)
+
+    @functools.cached_property
+    def has_tokens(self) -> torch.Tensor:
+        return self.real.any(dim=1).unsqueeze(1)
+
+    @functools.cached_property
+    def rank(self) -> torch.Tensor:
+        """1-based rank of each real token within its row (meaningless at padding)."""
+        return torch.cumsum(self.real.to(torch.int64), dim=1).to(self.accumulate).unsqueeze(2)
+
+    def positions(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token each row gathers at for first/last/index, and which rows have one."""
+        if name == "index":
+            assert self.index is not None
+            positions = self.index.to(device=self.real.device, dtype=torch.int64)
+            return positions, positions >= 0
+        chosen = first_real(self.real) if name == "first" else last_real(self.real)
+        return chosen, self.has_tokens.squeeze(1)
+
+
+class _Segment:
+    """One output segment (a weighted sum of layers per token) and the pools over it; the
+    combined values and their masked sum are shared by the pools that need them."""
+
+    def __init__(self, segment: Sequence[tuple[torch.Tensor, float]], rows: _Rows):
+        self.segment = segment
+        self.rows = rows
+
+    @functools.cached_property
+    def values(self) -> torch.Tensor:
+        return _combined(self.segment, self.rows.accumulate)
+
+    @functools.cached_property
+    def total(self) -> torch.Tensor:
+        return torch.where(self.rows.real_3d, self.values, self.rows.zero).sum(dim=1)
+
+    def pool(self, name: str) -> torch.Tensor:
+        rows = self.rows
+        if name in ("first", "last", "index"):
+            positions, valid = rows.positions(name)
+            return _gather(self.segment, rows.accumulate, positions, valid)
+        if name == "max":
+            negative_infinity = torch.tensor(
+                float("-inf"), dtype=rows.accumulate, device=self.values.device
             )
-    if not blocks:
-        return torch.zeros((batch, 0), dtype=accumulate, device=first_layer.device)
-    return torch.cat(blocks, dim=1)
+            largest = torch.where(rows.real_3d, self.values, negative_infinity).amax(dim=1)
+            return torch.where(rows.has_tokens, largest, rows.zero)
+        if name == "sum":
+            return self.total
+        if name == "weighted_mean":
+            total = torch.where(rows.real_3d, self.values * rows.rank, rows.zero).sum(dim=1)
+            divisor = rows.count * (rows.count + 1) / 2
+        else:
+            total = self.total
+            divisor = rows.count if name == "mean" else rows.count.sqrt()
+        safe_divisor = torch.where(rows.has_tokens, divisor, 1)
+        return torch.where(rows.has_tokens, total / safe_divisor, rows.zero)
 
 
 def _combined(
@@ -96,9 +142,9 @@ def _gather(
     accumulate: torch.dtype,
     positions: torch.Tensor,
     valid: torch.Tensor,
-    hidden: int,
 ) -> torch.Tensor:
     # Gather first, then combine: only B tokens are widened.
+    hidden = segment[0][0].shape[2]
     safe = torch.where(valid, positions, torch.zeros_like(positions))
     picked = [
         (layer.gather(1, safe.view(-1, 1, 1).expand(-1, 1, hidden)).squeeze(1), weight)
@@ -106,48 +152,6 @@ def _gather(
     ]
     gathered = _combined(picked, accumulate)
     return torch.where(valid.unsqueeze(1), gathered, torch.zeros_like(gathered))
-
-
-def _pool_segment(
-    name: str,
-    segment: Sequence[tuple[torch.Tensor, float]],
-    accumulate: torch.dtype,
-    real_3d: torch.Tensor,
-    counts: torch.Tensor,
-    has_tokens: torch.Tensor,
-    rank: torch.Tensor,
-    first_position: torch.Tensor,
-    last_position: torch.Tensor,
-    index: torch.Tensor | None,
-    batch: int,
-    hidden: int,
-) -> torch.Tensor:
-    if name in ("first", "last", "index"):
-        if name == "index":
-            assert index is not None
-            positions = index.to(device=real_3d.device, dtype=torch.int64)
-            valid = positions >= 0
-        else:
-            positions = first_position if name == "first" else last_position
-            valid = has_tokens.squeeze(1)
-        return _gather(segment, accumulate, positions, valid, hidden)
-    values = _combined(segment, accumulate)
-    zero = torch.zeros((), dtype=accumulate, device=values.device)
-    count = counts.to(accumulate).unsqueeze(1)
-    if name == "max":
-        negative_infinity = torch.tensor(float("-inf"), dtype=accumulate, device=values.device)
-        largest = torch.where(real_3d, values, negative_infinity).amax(dim=1)
-        return torch.where(has_tokens, largest, zero)
-    if name == "weighted_mean":
-        weights = rank.to(accumulate).unsqueeze(2)
-        total = torch.where(real_3d, values * weights, zero).sum(dim=1)
-        divisor = count * (count + 1) / 2
-    else:
-        total = torch.where(real_3d, values, zero).sum(dim=1)
-        if name == "sum":
-            return total
-        divisor = count if name == "mean" else count.sqrt()
-    return torch.where(has_tokens, total / torch.where(has_tokens, divisor, 1), zero)
 
 
 def first_real(flags: torch.Tensor) -> torch.Tensor:
