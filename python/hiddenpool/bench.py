@@ -188,6 +188,22 @@ def format_time(seconds: float) -> str:
     return f"{seconds * 1e6:.0f} µs" if seconds < 1e-3 else f"{seconds * 1e3:.2f} ms"
 
 
+def _parse_shape(shape: str) -> tuple[int, int, int]:
+    try:
+        batch, tokens, hidden = (int(part) for part in shape.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"shapes: expected BxTxH like 32x256x768, got {shape!r}") from None
+    return batch, tokens, hidden
+
+
+def _parse_dtype(dtype: str) -> torch.dtype:
+    torch_dtype = getattr(torch, dtype, None)
+    if torch_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"dtypes: expected float32, float16, bfloat16 or float64, got {dtype!r}")
+    assert isinstance(torch_dtype, torch.dtype)
+    return torch_dtype
+
+
 def header(threads: int, repeat: int) -> str:
     return (
         f"machine: {platform.machine()}, {os.cpu_count()} cores; threads: {threads}; "
@@ -206,6 +222,13 @@ def table(
 ) -> list[str]:
     """Markdown table rows, one per (shape, dtype, operation, peer); ``echo`` gets each row
     as soon as it is measured."""
+    operations = list(operations or OPERATIONS)
+    # Every argument is checked before the first measurement, not minutes into the run.
+    unknown = [operation for operation in operations if operation not in OPERATIONS]
+    if unknown:
+        raise ValueError(f"operations: unknown {unknown[0]!r}; valid: {', '.join(OPERATIONS)}")
+    parsed_shapes = [_parse_shape(shape) for shape in shapes]
+    torch_dtypes = [_parse_dtype(dtype) for dtype in dtypes]
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     hiddenpool.set_num_threads(threads)
@@ -217,26 +240,13 @@ def table(
     for line in lines:
         if echo:
             echo(line)
-    for shape in shapes:
-        try:
-            batch, tokens, hidden = (int(part) for part in shape.lower().split("x"))
-        except ValueError:
-            raise ValueError(f"shapes: expected BxTxH like 32x256x768, got {shape!r}") from None
-        for dtype in dtypes:
-            torch_dtype = getattr(torch, dtype, None)
-            if torch_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-                raise ValueError(
-                    f"dtypes: expected float32, float16, bfloat16 or float64, got {dtype!r}"
-                )
+    for shape, (batch, tokens, hidden) in zip(shapes, parsed_shapes, strict=True):
+        for dtype, torch_dtype in zip(dtypes, torch_dtypes, strict=True):
             inputs = make_inputs(batch, tokens, hidden, torch_dtype)
             # One untimed round first: the row measured right after the inputs were made
             # otherwise pays for their page faults and torch's still-busy threads.
             median_seconds(ours(inputs, "mean"), 3)
-            for operation in operations or OPERATIONS:
-                if operation not in OPERATIONS:
-                    raise ValueError(
-                        f"operations: unknown {operation!r}; valid: {', '.join(OPERATIONS)}"
-                    )
+            for operation in operations:
                 our_time = median_seconds(ours(inputs, operation), repeat)
                 floor_time = median_seconds(floor(inputs, operation), repeat)
                 rate = bytes_read(inputs, operation) / our_time / 1e9

@@ -204,16 +204,7 @@ class _Backend:
         if self.use_torch:
             tensors = [_to_tensor(state, self.device) for state in states]
             return tensors, False
-        arrays: list[np.ndarray] = []
-        flags = set()
-        for position, state in enumerate(states):
-            name = "hidden_states" if len(states) == 1 else f"hidden_states[{position}]"
-            array, is_bfloat16 = _as_numpy(state, name)
-            arrays.append(array)
-            flags.add(is_bfloat16)
-        if len(flags) > 1:
-            raise TypeError("hidden_states: layers mix bfloat16 with other dtypes")
-        return arrays, flags.pop()
+        return _host_arrays(states)
 
     def ids(self, input_ids: Any) -> Any:
         if self.use_torch:
@@ -235,6 +226,21 @@ class _Backend:
         import torch
 
         return torch.from_numpy(result)
+
+
+def _host_arrays(states: Sequence[Any]) -> tuple[list[np.ndarray], bool]:
+    """Zero-copy numpy views of host layers, and whether they hold bfloat16 bits (all or
+    none may)."""
+    arrays: list[np.ndarray] = []
+    flags = set()
+    for position, state in enumerate(states):
+        name = "hidden_states" if len(states) == 1 else f"hidden_states[{position}]"
+        array, is_bfloat16 = _as_numpy(state, name)
+        arrays.append(array)
+        flags.add(is_bfloat16)
+    if len(flags) > 1:
+        raise TypeError("hidden_states: layers mix bfloat16 with other dtypes")
+    return arrays, flags.pop()
 
 
 def _to_tensor(value: Any, device: Any) -> Any:
@@ -273,6 +279,23 @@ def _effective_combine(strategy: Strategy, layer_count: int) -> str:
     if strategy.combine is not None and (layer_count > 1 or strategy.combine == "weighted"):
         return strategy.combine
     return "sum"
+
+
+def _mixing_weights(
+    strategy: Strategy,
+    combine: str,
+    layer_count: int,
+    layer_weights: Sequence[float] | None,
+    layer_scale: float,
+) -> tuple[float, ...] | None:
+    """Each layer's weight for ``:weighted`` (ScalarMix), None for the other combines."""
+    if combine != "weighted":
+        return None
+    if layer_weights is None:
+        raise ValueError(
+            f"layer_weights: strategy {strategy} combines layers by weight; pass layer_weights"
+        )
+    return tuple(_scalar_mix(layer_weights, layer_scale, layer_count))
 
 
 def _kernel_pools(pools: Sequence[str]) -> list[str]:
@@ -348,20 +371,13 @@ def pool(
     states = _states_from(hidden_states)
     chosen = _choose_backend(states[0], backend)
     state_count = len(states)
+    if layer_weights is not None and not any(s.combine == "weighted" for s in strategies):
+        raise ValueError("layer_weights: given, but no strategy uses ':weighted'")
     plans: list[tuple[Strategy, tuple[int, ...], str, tuple[float, ...] | None]] = []
     for parsed in strategies:
         resolved = parsed.resolve_layers(state_count)
         combine = _effective_combine(parsed, len(resolved))
-        weights: tuple[float, ...] | None = None
-        if combine == "weighted":
-            if layer_weights is None:
-                raise ValueError(
-                    f"layer_weights: strategy {parsed} combines layers by weight; "
-                    "pass layer_weights"
-                )
-            weights = tuple(_scalar_mix(layer_weights, layer_scale, len(resolved)))
-        elif layer_weights is not None and not any(s.combine == "weighted" for s in strategies):
-            raise ValueError("layer_weights: given, but no strategy uses ':weighted'")
+        weights = _mixing_weights(parsed, combine, len(resolved), layer_weights, layer_scale)
         plans.append((parsed, tuple(resolved), combine, weights))
 
     used = sorted({index for _, indices, _, _ in plans for index in indices})
@@ -508,24 +524,19 @@ def pool_packed(
     states = _states_from(hidden_states)
     indices = parsed.resolve_layers(len(states))
     combine = _effective_combine(parsed, len(indices))
-    weights = None
-    if combine == "weighted":
-        if layer_weights is None:
-            raise ValueError(f"layer_weights: strategy {parsed} combines layers by weight")
-        weights = _scalar_mix(layer_weights, layer_scale, len(indices))
+    weights = _mixing_weights(parsed, combine, len(indices), layer_weights, layer_scale)
     torch_output = _is_torch(states[0])
-    arrays: list[np.ndarray] = []
-    flags = set()
-    for index in indices:
-        array, is_bfloat16 = _as_numpy(states[index], "hidden_states")
-        arrays.append(array)
-        flags.add(is_bfloat16)
-    if len(flags) > 1:
-        raise TypeError("hidden_states: layers mix bfloat16 with other dtypes")
+    arrays, is_bfloat16 = _host_arrays([states[index] for index in indices])
     _check_shapes(arrays, None, packed=True)
     offset_array = _as_numpy(offsets, "offsets")[0]
     result = _native.pool_packed(
-        arrays, offset_array, _kernel_pools(parsed.pools), combine, weights, None, flags.pop()
+        arrays,
+        offset_array,
+        _kernel_pools(parsed.pools),
+        combine,
+        list(weights) if weights else None,
+        None,
+        is_bfloat16,
     )
     if torch_output:
         import torch
