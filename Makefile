@@ -30,10 +30,20 @@ demo: build
 	hiddenpool encode --input python/hiddenpool/data/demo_texts.txt --output build/demo-embeddings.npz --strategy mean@last cls@last mean@last4:sum --normalize
 	$(PYTHON) -c "import numpy as np; data = np.load('build/demo-embeddings.npz'); [print(key, data[key].shape, data[key][0, :4].round(4)) for key in data]"
 
+# The declared minimum Rust (Cargo.toml's rust-version) is checked with that toolchain
+# where rustup has it installed (`rustup toolchain install 1.86.0`); skipped elsewhere.
+MSRV := $(shell sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
+
 rust-test: $(STAMP)
 	cargo fmt --check
+	cargo clippy --all-targets --features python -- -D warnings
 	cargo clippy --all-targets -- -D warnings
 	cargo test --release --lib
+	@toolchain=$$(rustup toolchain list 2>/dev/null | grep -o "^$(MSRV)\(\.[0-9]*\)\?-[^ ]*" | head -1); \
+	if [ -n "$$toolchain" ]; then \
+		echo "cargo +$$toolchain check (the declared rust-version $(MSRV))"; \
+		cargo +$$toolchain check --quiet --lib --features python --target-dir target/msrv; \
+	else echo "rust $(MSRV) not installed: rust-version not checked"; fi
 
 lint: $(STAMP)
 	ruff check python tests benches scripts

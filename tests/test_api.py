@@ -361,3 +361,45 @@ def test_mixed_numpy_and_torch_arguments():
     tensors = [torch.from_numpy(x) for x in layers]
     other = hiddenpool.pool(tensors, mask, "mean+eos@last", input_ids=ids, eos_token_id=EOS)
     np.testing.assert_allclose(other.numpy(), expected, atol=1e-6)
+
+
+def test_bool_masks_holding_bytes_other_than_0_and_1():
+    """numpy stores any byte in a bool array seen through ``.view(np.bool_)``: numpy's own
+    truth test reads nonzero as True, and so must every entry point (the kernels once read
+    such bytes as Rust bool, which is undefined behaviour, and pooled only token 0)."""
+    rng = np.random.default_rng(16)
+    hidden = rng.standard_normal((2, 4, 3)).astype(np.float32)
+    mask_bytes = np.array([[1, 2, 4, 0], [0, 128, 255, 3]], dtype=np.uint8)
+    odd_bools = mask_bytes.view(np.bool_)
+    plain = mask_bytes != 0
+    assert odd_bools.tolist() == plain.tolist()  # numpy's reading, the oracle
+    strategies = ["mean@last", "max@last", "first@last", "last@last", "weighted_mean@last"]
+    for strategy in strategies:
+        expected = reference.pool(
+            [hidden], plain.astype(np.int64), [strategy.split("@")[0]], "sum", None, None, False
+        )
+        np.testing.assert_allclose(hiddenpool.pool(hidden, odd_bools, strategy), expected)
+        np.testing.assert_allclose(
+            hiddenpool.pool(hidden, odd_bools, strategy, backend="torch"), expected, rtol=1e-6
+        )
+        # Strided (every other column) and read-only views of the same bytes.
+        wide = np.zeros((2, 8), dtype=np.uint8)
+        wide[:, ::2] = mask_bytes
+        strided = wide.view(np.bool_)[:, ::2]
+        strided.flags.writeable = False
+        np.testing.assert_allclose(hiddenpool.pool(hidden, strided, strategy), expected)
+    # The same real tokens, packed: rows are tokens 0..2 and 1..3.
+    packed = np.concatenate([hidden[0, :3], hidden[1, 1:]])
+    np.testing.assert_allclose(
+        hiddenpool.pool_packed(packed, np.array([0, 3, 6]), "mean"),
+        hiddenpool.pool(hidden, odd_bools, "mean"),
+        rtol=1e-6,
+    )
+    # eos skips padding by the same reading: EOS id 9 sits in padding of row 1 (token 0)
+    # and at real tokens 2 and 3.
+    ids = np.array([[5, 5, 9, 9], [9, 5, 5, 9]], dtype=np.int64)
+    positions = hiddenpool._native.find_token(ids, odd_bools, 9)
+    assert positions.tolist() == [2, 3]
+    np.testing.assert_allclose(
+        hiddenpool.eos(hidden, odd_bools, ids, 9), np.stack([hidden[0, 2], hidden[1, 3]])
+    )

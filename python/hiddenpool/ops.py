@@ -251,6 +251,10 @@ def _to_tensor(value: Any, device: Any) -> Any:
     array = np.asarray(value)
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
+    if array.dtype == np.bool_:
+        # numpy bool arrays may hold any byte (``.view(np.bool_)``); torch reads bools as
+        # 0/1 only. Normalise to numpy's reading: nonzero is True.
+        array = array.view(np.uint8) != 0
     array = np.ascontiguousarray(array)
     if not array.flags.writeable:
         # torch tensors cannot be read-only; a copy keeps the caller's array out of reach.

@@ -26,8 +26,11 @@ const RELEASE_GIL_BYTES: usize = 256 * 1024;
 /// measured crossover between 1.7 and 3.4 MB of reads on the 2-core development machine.
 const PARALLEL_BYTES: usize = 2 * 1024 * 1024;
 
-fn kernel_error(error: KernelError) -> PyErr {
-    PyValueError::new_err(error.to_string())
+impl From<KernelError> for PyErr {
+    /// Every kernel error is a bad argument, and its text names it.
+    fn from(error: KernelError) -> PyErr {
+        PyValueError::new_err(error.to_string())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +68,8 @@ struct ArrayMemory<'py> {
     /// Keeps the array (or its copy) alive while views borrow its memory.
     _owner: Bound<'py, PyUntypedArray>,
     kind: Kind,
+    /// Bytes per element.
+    itemsize: usize,
     lowest: *const u8,
     /// Elements from `lowest` to the highest addressed element, inclusive.
     span: usize,
@@ -173,6 +178,7 @@ impl<'py> ArrayMemory<'py> {
         Ok(ArrayMemory {
             _owner: owner,
             kind,
+            itemsize,
             // SAFETY: numpy guarantees every element of the array lies within its buffer,
             // and `lowest_offset` is the offset of the lowest-addressed element.
             lowest: unsafe { data.offset(lowest_offset * itemsize as isize) },
@@ -183,15 +189,41 @@ impl<'py> ArrayMemory<'py> {
         })
     }
 
-    /// The addressed memory as elements of `T`, which must match `kind`'s size and layout.
-    fn slice<T>(&self) -> &[T] {
+    /// The addressed memory as elements of `T`.
+    ///
+    /// # Safety
+    /// Every bit pattern of `kind`'s size must be a valid `T`: read numpy bools as `u8`
+    /// (numpy stores any byte in a bool array, e.g. through `.view(np.bool_)`, and a Rust
+    /// `bool` that is not 0 or 1 is undefined behaviour), bfloat16 as `bf16` or `u16`.
+    /// The element size is asserted; the rest is the caller's promise.
+    unsafe fn slice<T>(&self) -> &[T] {
+        assert_eq!(
+            std::mem::size_of::<T>(),
+            self.itemsize,
+            "slice::<{}> over {}-byte {} elements",
+            std::any::type_name::<T>(),
+            self.itemsize,
+            self.kind.name()
+        );
         if self.span == 0 {
             return &[];
         }
         debug_assert_eq!(self.lowest as usize % std::mem::align_of::<T>(), 0);
-        // SAFETY: `borrow` checked alignment, native byte order and whole-element strides,
-        // `kind` was matched to `T` by the caller, and `span` covers exactly the elements the
-        // array addresses. The owner keeps the memory alive for the borrow's lifetime.
+        // SAFETY: `borrow` checked alignment, native byte order and whole-element strides;
+        // the size of `T` equals the element size (asserted above) and the caller promises
+        // every bit pattern is a valid `T`; `span` covers exactly the elements the array
+        // addresses, and the owner keeps the memory alive for the borrow's lifetime.
+        //
+        // Concurrent writes: numpy has no borrow checker, so while the GIL is released
+        // around a kernel (and at any time on a free-threaded build) another Python thread
+        // may write this array. Those writes race with our reads. What keeps that from
+        // becoming memory unsafety: every element type read here accepts any bit pattern
+        // (no `bool`, no enum), and no address is computed from array contents after
+        // validation: masks, offsets and indices are turned into positions and checked
+        // while the GIL is held, before the kernel starts; hidden states are only ever
+        // read as values. A racing writer can therefore change the numbers pooled (as with
+        // numpy's own GIL-free ufuncs), never the memory read. Callers who write an array
+        // from another thread during a call get values from before or after the write.
         unsafe { std::slice::from_raw_parts(self.lowest as *const T, self.span) }
     }
 
@@ -206,9 +238,11 @@ impl<'py> ArrayMemory<'py> {
     fn to_i64_vec(&self) -> Vec<i64> {
         let read = |index: usize| -> i64 {
             let position = (self.origin as isize + index as isize * self.strides[0]) as usize;
+            // SAFETY: `borrow` admitted only int32 and int64 here (ID_KINDS); every bit
+            // pattern is a valid integer.
             match self.kind {
-                Kind::Int32 => i64::from(self.slice::<i32>()[position]),
-                _ => self.slice::<i64>()[position],
+                Kind::Int32 => i64::from(unsafe { self.slice::<i32>() }[position]),
+                _ => (unsafe { self.slice::<i64>() })[position],
             }
         };
         (0..self.shape[0]).map(read).collect()
@@ -283,23 +317,32 @@ fn borrow_layers<'py>(
 }
 
 fn selection_from_mask(mask: &ArrayMemory<'_>) -> Result<TokenSelection, KernelError> {
-    fn build<M: MaskElement>(mask: &ArrayMemory<'_>) -> Result<TokenSelection, KernelError> {
+    /// # Safety
+    /// `M` has `mask.kind`'s size, and every bit pattern of it is a valid `M`.
+    unsafe fn build<M: MaskElement>(mask: &ArrayMemory<'_>) -> Result<TokenSelection, KernelError> {
         TokenSelection::from_mask(
-            mask.slice::<M>(),
+            // SAFETY: forwarded from this function's contract.
+            unsafe { mask.slice::<M>() },
             mask.origin,
             mask.shape2(),
             mask.strides2(),
         )
     }
-    match mask.kind {
-        Kind::Bool => build::<bool>(mask),
-        Kind::Int8 => build::<i8>(mask),
-        Kind::UInt8 => build::<u8>(mask),
-        Kind::Int32 => build::<i32>(mask),
-        Kind::Int64 => build::<i64>(mask),
-        Kind::Float32 => build::<f32>(mask),
-        Kind::Float64 => build::<f64>(mask),
-        Kind::Float16 | Kind::BFloat16 => unreachable!("masks of half types are refused in borrow"),
+    // SAFETY: each arm reads the kind as a type of its size that accepts every bit pattern.
+    // numpy bools are read as bytes: nonzero is a real token, as numpy's own truth test says
+    // (a byte 2 seen through `.view(np.bool_)` prints as True).
+    unsafe {
+        match mask.kind {
+            Kind::Bool | Kind::UInt8 => build::<u8>(mask),
+            Kind::Int8 => build::<i8>(mask),
+            Kind::Int32 => build::<i32>(mask),
+            Kind::Int64 => build::<i64>(mask),
+            Kind::Float32 => build::<f32>(mask),
+            Kind::Float64 => build::<f64>(mask),
+            Kind::Float16 | Kind::BFloat16 => {
+                unreachable!("masks of half types are refused in borrow")
+            }
+        }
     }
 }
 
@@ -414,7 +457,7 @@ fn run<R: Send>(
         })
     };
     match outcome {
-        Ok(result) => result.map_err(kernel_error),
+        Ok(result) => Ok(result?),
         Err(panic) => {
             let message = panic
                 .downcast_ref::<String>()
@@ -465,7 +508,9 @@ impl ParsedRequest {
     }
 }
 
-fn pool_typed<'py, T: Element>(
+/// # Safety
+/// `T` is the element type of every layer (`dispatch` matches it to their shared kind).
+unsafe fn pool_typed<'py, T: Element>(
     py: Python<'py>,
     layers: &[ArrayMemory<'py>],
     selection: &TokenSelection,
@@ -475,25 +520,26 @@ fn pool_typed<'py, T: Element>(
 where
     T::Accumulator: numpy::Element,
 {
+    // SAFETY: `T` is the layers' element type (this function's contract); the four float
+    // types accept every bit pattern.
     let views = layers
         .iter()
         .map(|layer| match packed_rows {
             None => LayerView::new(
-                layer.slice::<T>(),
+                unsafe { layer.slice::<T>() },
                 layer.origin,
                 [layer.shape[0], layer.shape[1], layer.shape[2]],
                 [layer.strides[0], layer.strides[1], layer.strides[2]],
             ),
             Some(rows) => LayerView::packed(
-                layer.slice::<T>(),
+                unsafe { layer.slice::<T>() },
                 layer.origin,
                 rows,
                 layer.shape2(),
                 layer.strides2(),
             ),
         })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(kernel_error)?;
+        .collect::<Result<Vec<_>, _>>()?;
     let hidden = layers[0].shape.last().copied().unwrap_or(0);
     let bytes = bytes_to_read(
         selection,
@@ -523,12 +569,15 @@ fn dispatch<'py>(
     packed_rows: Option<usize>,
     request: &Request<'_>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    match layers[0].kind {
-        Kind::Float32 => pool_typed::<f32>(py, layers, selection, packed_rows, request),
-        Kind::Float64 => pool_typed::<f64>(py, layers, selection, packed_rows, request),
-        Kind::Float16 => pool_typed::<f16>(py, layers, selection, packed_rows, request),
-        Kind::BFloat16 => pool_typed::<bf16>(py, layers, selection, packed_rows, request),
-        other => unreachable!("layers of kind {other:?} are refused in borrow"),
+    // SAFETY: `borrow_layers` made every layer share layers[0]'s kind, matched here.
+    unsafe {
+        match layers[0].kind {
+            Kind::Float32 => pool_typed::<f32>(py, layers, selection, packed_rows, request),
+            Kind::Float64 => pool_typed::<f64>(py, layers, selection, packed_rows, request),
+            Kind::Float16 => pool_typed::<f16>(py, layers, selection, packed_rows, request),
+            Kind::BFloat16 => pool_typed::<bf16>(py, layers, selection, packed_rows, request),
+            other => unreachable!("layers of kind {other:?} are refused in borrow"),
+        }
     }
 }
 
@@ -565,7 +614,7 @@ fn pool<'py>(
             mask.shape, layers[0].shape
         )));
     }
-    let selection = selection_from_mask(&mask).map_err(kernel_error)?;
+    let selection = selection_from_mask(&mask)?;
     let request = ParsedRequest::parse(pools, combine, layer_weights, index)?;
     dispatch(py, &layers, &selection, None, &request.borrowed())
 }
@@ -587,8 +636,7 @@ fn pool_packed<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let layers = borrow_layers(hidden_states, 2, bfloat16)?;
     let offsets = ArrayMemory::borrow("offsets", offsets, 1, &ID_KINDS, false)?.to_i64_vec();
-    let selection =
-        TokenSelection::from_offsets(&offsets, layers[0].shape[0]).map_err(kernel_error)?;
+    let selection = TokenSelection::from_offsets(&offsets, layers[0].shape[0])?;
     let request = ParsedRequest::parse(pools, combine, layer_weights, index)?;
     dispatch(
         py,
@@ -616,14 +664,18 @@ fn find_token<'py>(
             ids.shape, mask.shape
         )));
     }
-    let selection = selection_from_mask(&mask).map_err(kernel_error)?;
-    fn find<I: TokenId>(
+    let selection = selection_from_mask(&mask)?;
+    /// # Safety
+    /// `I` is the element type of `ids`.
+    unsafe fn find<I: TokenId>(
         ids: &ArrayMemory<'_>,
         selection: &TokenSelection,
         token_id: i64,
     ) -> Result<Vec<i64>, KernelError> {
         first_token_positions(
-            ids.slice::<I>(),
+            // SAFETY: forwarded from this function's contract; integers accept every bit
+            // pattern.
+            unsafe { ids.slice::<I>() },
             ids.origin,
             ids.shape2(),
             ids.strides2(),
@@ -631,11 +683,13 @@ fn find_token<'py>(
             token_id,
         )
     }
-    let positions = match ids.kind {
-        Kind::Int32 => find::<i32>(&ids, &selection, token_id),
-        _ => find::<i64>(&ids, &selection, token_id),
-    }
-    .map_err(kernel_error)?;
+    // SAFETY: `borrow` admitted only int32 and int64 ids (ID_KINDS), matched here.
+    let positions = unsafe {
+        match ids.kind {
+            Kind::Int32 => find::<i32>(&ids, &selection, token_id),
+            _ => find::<i64>(&ids, &selection, token_id),
+        }
+    }?;
     Ok(PyArray1::from_vec(py, positions))
 }
 
