@@ -4,6 +4,8 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use std::ops::{Add, AddAssign, Div, Mul};
 
+use super::pool::running_max;
+
 /// The float type sums are carried in: `f32` for 16- and 32-bit input, `f64` for `f64`.
 pub trait Accumulator:
     Copy
@@ -19,6 +21,7 @@ pub trait Accumulator:
 {
     const ZERO: Self;
     const NEG_INFINITY: Self;
+    const NAN: Self;
     fn from_f64(value: f64) -> Self;
     fn is_nan(self) -> bool;
 }
@@ -26,6 +29,7 @@ pub trait Accumulator:
 impl Accumulator for f32 {
     const ZERO: Self = 0.0;
     const NEG_INFINITY: Self = f32::NEG_INFINITY;
+    const NAN: Self = f32::NAN;
     fn from_f64(value: f64) -> Self {
         value as f32
     }
@@ -37,6 +41,7 @@ impl Accumulator for f32 {
 impl Accumulator for f64 {
     const ZERO: Self = 0.0;
     const NEG_INFINITY: Self = f64::NEG_INFINITY;
+    const NAN: Self = f64::NAN;
     fn from_f64(value: f64) -> Self {
         value
     }
@@ -60,13 +65,30 @@ pub trait Element: Copy + Send + Sync + 'static {
         }
     }
 
-    /// `total[i] += (a[i] + b[i]) + (c[i] + d[i])` over four tokens' values, widened on the
-    /// fly, without writing the widened values anywhere.
+    /// Folds four tokens' values into running sums (`SUM`: `sum[i] += (a + b) + (c + d)`)
+    /// and running maxima (`MAX`, NaN propagating), widened on the fly, without writing the
+    /// widened values anywhere. An unused running buffer may be empty.
     #[inline(always)]
-    fn fold_four_into(total: &mut [Self::Accumulator], tokens: [&[Self]; 4]) {
-        let [a, b, c, d] = tokens;
-        for ((((sum, &a), &b), &c), &d) in total.iter_mut().zip(a).zip(b).zip(c).zip(d) {
-            *sum += (a.widen() + b.widen()) + (c.widen() + d.widen());
+    fn fold_four_into<const SUM: bool, const MAX: bool>(
+        sum: &mut [Self::Accumulator],
+        max: &mut [Self::Accumulator],
+        tokens: [&[Self]; 4],
+    ) {
+        let len = tokens
+            .iter()
+            .map(|token| token.len())
+            .fold(usize::MAX, usize::min);
+        let [a, b, c, d] = tokens.map(|token| &token[..len]);
+        let sum = &mut sum[..if SUM { len } else { 0 }];
+        let max = &mut max[..if MAX { len } else { 0 }];
+        for index in 0..len {
+            let [a, b, c, d] = [a[index], b[index], c[index], d[index]].map(Self::widen);
+            if SUM {
+                sum[index] += (a + b) + (c + d);
+            }
+            if MAX {
+                max[index] = running_max(max[index], [a, b, c, d]);
+            }
         }
     }
 
@@ -116,56 +138,92 @@ impl Element for f16 {
         source.convert_to_f32_slice(destination);
     }
     #[inline(always)]
-    fn fold_four_into(total: &mut [f32], tokens: [&[f16]; 4]) {
+    fn fold_four_into<const SUM: bool, const MAX: bool>(
+        sum: &mut [f32],
+        max: &mut [f32],
+        tokens: [&[f16]; 4],
+    ) {
         #[cfg(target_arch = "x86_64")]
         if has_avx2_fma_f16c() {
             // SAFETY: the processor has F16C and AVX.
-            unsafe { fold_four_f16c(total, tokens) };
+            unsafe { fold_four_f16c::<SUM, MAX>(sum, max, tokens) };
             return;
         }
-        let [a, b, c, d] = tokens;
-        for ((((sum, &a), &b), &c), &d) in total.iter_mut().zip(a).zip(b).zip(c).zip(d) {
-            *sum += (a.to_f32() + b.to_f32()) + (c.to_f32() + d.to_f32());
+        let len = tokens
+            .iter()
+            .map(|token| token.len())
+            .fold(usize::MAX, usize::min);
+        for index in 0..len {
+            let [a, b, c, d] = tokens.map(|token| token[index].to_f32());
+            if SUM {
+                sum[index] += (a + b) + (c + d);
+            }
+            if MAX {
+                max[index] = running_max(max[index], [a, b, c, d]);
+            }
         }
     }
 }
 
-/// `fold_four_into` for float16 with F16C: eight values of each token converted and added
-/// in registers, one load and store of the running sums per four tokens.
+/// `fold_four_into` for float16 with F16C: eight values of each token converted and folded
+/// in registers, one load and store of each running value per four tokens.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx,f16c")]
 #[inline]
-fn fold_four_f16c(total: &mut [f32], tokens: [&[f16]; 4]) {
+fn fold_four_f16c<const SUM: bool, const MAX: bool>(
+    sum: &mut [f32],
+    max: &mut [f32],
+    tokens: [&[f16]; 4],
+) {
     use std::arch::x86_64::{
-        __m128i, _mm256_add_ps, _mm256_cvtph_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm_loadu_si128,
+        __m128i, _mm256_add_ps, _mm256_cmp_ps, _mm256_cvtph_ps, _mm256_loadu_ps, _mm256_max_ps,
+        _mm256_or_ps, _mm256_storeu_ps, _mm_loadu_si128, _CMP_UNORD_Q,
     };
     let len = tokens
         .iter()
         .map(|token| token.len())
-        .fold(total.len(), usize::min);
+        .fold(usize::MAX, usize::min);
+    let sum = &mut sum[..if SUM { len } else { 0 }];
+    let max = &mut max[..if MAX { len } else { 0 }];
     let whole = len / 8 * 8;
     for start in (0..whole).step_by(8) {
         let halves = tokens.map(|token| &token[start..start + 8]);
-        let sums = &mut total[start..start + 8];
-        // SAFETY: every range above holds 8 elements (checked by the slicing); unaligned
-        // loads and stores.
+        // SAFETY: every range above and below holds 8 elements (checked by the slicing);
+        // unaligned loads and stores; the processor has AVX and F16C (this function's
+        // target features, checked by the caller).
         unsafe {
-            let widened = halves
+            let [a, b, c, d] = halves
                 .map(|half| _mm256_cvtph_ps(_mm_loadu_si128(half.as_ptr() as *const __m128i)));
-            let pairs = _mm256_add_ps(
-                _mm256_add_ps(widened[0], widened[1]),
-                _mm256_add_ps(widened[2], widened[3]),
-            );
-            _mm256_storeu_ps(
-                sums.as_mut_ptr(),
-                _mm256_add_ps(_mm256_loadu_ps(sums.as_ptr()), pairs),
-            );
+            if SUM {
+                let totals = &mut sum[start..start + 8];
+                let pairs = _mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d));
+                let running = _mm256_loadu_ps(totals.as_ptr());
+                _mm256_storeu_ps(totals.as_mut_ptr(), _mm256_add_ps(running, pairs));
+            }
+            if MAX {
+                // As `running_max`: plain maxima, one NaN test for all four, and a NaN
+                // running value kept because `maxps` returns its second operand on NaN.
+                // All-ones bits (from the unordered test) are a NaN.
+                let largest = &mut max[start..start + 8];
+                let four = _mm256_max_ps(_mm256_max_ps(a, b), _mm256_max_ps(c, d));
+                let any_nan = _mm256_or_ps(
+                    _mm256_cmp_ps::<_CMP_UNORD_Q>(a, b),
+                    _mm256_cmp_ps::<_CMP_UNORD_Q>(c, d),
+                );
+                let running = _mm256_loadu_ps(largest.as_ptr());
+                let updated = _mm256_or_ps(_mm256_max_ps(four, running), any_nan);
+                _mm256_storeu_ps(largest.as_mut_ptr(), updated);
+            }
         }
     }
-    let [a, b, c, d] = tokens;
     for index in whole..len {
-        total[index] +=
-            (a[index].to_f32() + b[index].to_f32()) + (c[index].to_f32() + d[index].to_f32());
+        let [a, b, c, d] = tokens.map(|token| token[index].to_f32());
+        if SUM {
+            sum[index] += (a + b) + (c + d);
+        }
+        if MAX {
+            max[index] = running_max(max[index], [a, b, c, d]);
+        }
     }
 }
 

@@ -163,7 +163,7 @@ pub fn pool_layers<T: Element>(
         pools,
         segments: &segments,
         gather: &gather,
-        hidden,
+        needs: Needs::of(pools),
     };
     let threads = match execution {
         Execution::Sequential => 1,
@@ -175,39 +175,82 @@ pub fn pool_layers<T: Element>(
     } else {
         (2 * threads).div_ceil(rows).min(hidden.div_ceil(64)).max(1)
     };
-    let chunk_width = hidden.div_ceil(chunks_per_row);
-    let run_row = |(row, row_out): (usize, &mut [T::Accumulator])| {
-        if chunks_per_row == 1 {
-            job.pool_chunk_dispatch(row, 0, hidden, row_out, hidden);
-            return;
+    if chunks_per_row == 1 {
+        let whole_row = |scratch: &mut Scratch<T::Accumulator>,
+                         (row, values): (usize, &mut [T::Accumulator])| {
+            let chunk = Chunk {
+                row,
+                start: 0,
+                width: hidden,
+            };
+            let out = Output {
+                values,
+                hidden,
+                offset: 0,
+            };
+            job.pool_chunk_dispatch(chunk, scratch, out);
+        };
+        match execution {
+            Execution::Sequential => {
+                let mut scratch = job.scratch(hidden);
+                values
+                    .chunks_mut(row_width)
+                    .enumerate()
+                    .for_each(|row| whole_row(&mut scratch, row));
+            }
+            Execution::Parallel => values
+                .par_chunks_mut(row_width)
+                .enumerate()
+                .for_each_init(|| job.scratch(hidden), whole_row),
         }
-        let chunk_outputs: Vec<(usize, usize, Vec<T::Accumulator>)> = (0..chunks_per_row)
-            .into_par_iter()
-            .map(|chunk| {
-                let start = chunk * chunk_width;
-                let width = chunk_width.min(hidden.saturating_sub(start));
-                let mut local = vec![T::Accumulator::ZERO; pools.len() * segments.len() * width];
-                if width > 0 {
-                    job.pool_chunk_dispatch(row, start, width, &mut local, width);
-                }
-                (start, width, local)
+    } else {
+        // Each task pools one chunk of one row into a chunk-sized buffer; the buffers are
+        // then copied into place (few rows, so this copy is small).
+        let chunk_width = hidden.div_ceil(chunks_per_row);
+        let blocks = pools.len() * segments.len();
+        let tasks: Vec<Chunk> = (0..rows)
+            .flat_map(|row| {
+                (0..chunks_per_row).map(move |index| {
+                    let start = (index * chunk_width).min(hidden);
+                    Chunk {
+                        row,
+                        start,
+                        width: chunk_width.min(hidden - start),
+                    }
+                })
             })
+            .filter(|chunk| chunk.width > 0)
             .collect();
-        for (start, width, local) in chunk_outputs {
-            for (block, source) in local.chunks_exact(width.max(1)).enumerate() {
-                if width > 0 {
-                    row_out[block * hidden + start..block * hidden + start + width]
-                        .copy_from_slice(source);
-                }
+        let pool_task = |scratch: &mut Scratch<T::Accumulator>, chunk: Chunk| {
+            let mut local = vec![T::Accumulator::ZERO; blocks * chunk.width];
+            let out = Output {
+                values: &mut local,
+                hidden: chunk.width,
+                offset: 0,
+            };
+            job.pool_chunk_dispatch(chunk, scratch, out);
+            (chunk, local)
+        };
+        let pooled: Vec<(Chunk, Vec<T::Accumulator>)> = match execution {
+            Execution::Sequential => {
+                let mut scratch = job.scratch(chunk_width);
+                tasks
+                    .into_iter()
+                    .map(|chunk| pool_task(&mut scratch, chunk))
+                    .collect()
+            }
+            Execution::Parallel => tasks
+                .into_par_iter()
+                .map_init(|| job.scratch(chunk_width), pool_task)
+                .collect(),
+        };
+        for (chunk, local) in pooled {
+            let row_out = &mut values[chunk.row * row_width..(chunk.row + 1) * row_width];
+            for (block, source) in local.chunks_exact(chunk.width).enumerate() {
+                let at = block * hidden + chunk.start;
+                row_out[at..at + chunk.width].copy_from_slice(source);
             }
         }
-    };
-    match execution {
-        Execution::Sequential => values.chunks_mut(row_width).enumerate().for_each(run_row),
-        Execution::Parallel => values
-            .par_chunks_mut(row_width)
-            .enumerate()
-            .for_each(run_row),
     }
     Ok(Pooled {
         values,
@@ -274,11 +317,139 @@ fn segments<A: Accumulator>(
 /// narrower than the row turn the walk over tokens into a strided one the prefetchers miss.
 const BLOCK: usize = 2048;
 
-/// Where one block's running results go; None for those no requested pool needs.
-struct Accumulators<'a, A> {
-    sum: Option<&'a mut [A]>,
-    max: Option<&'a mut [A]>,
-    weighted: Option<&'a mut [A]>,
+/// What the requested pools need accumulated over a row's tokens; decided once per call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Needs {
+    sum: bool,
+    max: bool,
+    weighted: bool,
+}
+
+impl Needs {
+    fn of(pools: &[Pool]) -> Self {
+        Needs {
+            sum: pools.iter().any(|pool| pool.needs_sum()),
+            max: pools.contains(&Pool::Max),
+            weighted: pools.contains(&Pool::WeightedMean),
+        }
+    }
+
+    fn any(self) -> bool {
+        self.sum || self.max || self.weighted
+    }
+}
+
+/// One unit of work: hidden elements `start..start + width` of one row.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Chunk {
+    row: usize,
+    start: usize,
+    width: usize,
+}
+
+/// Buffers a task reuses for every chunk it pools: allocated once per task (rayon's
+/// `for_each_init`), not once per row.
+pub(crate) struct Scratch<A> {
+    /// Four tokens' combined values, a block each; one whole chunk for a gathered token.
+    tokens: Vec<A>,
+    /// One layer's widened values while several layers are combined.
+    widened: Vec<A>,
+    /// The running values over the chunk; empty where no pool needs them.
+    running: RunningBuffers<A>,
+    /// One layer's sums while linear pools over several layers go layer by layer.
+    layer: RunningBuffers<A>,
+}
+
+struct RunningBuffers<A> {
+    sum: Vec<A>,
+    max: Vec<A>,
+    weighted: Vec<A>,
+}
+
+impl<A: Accumulator> RunningBuffers<A> {
+    fn new(width: usize, needs: Needs) -> Self {
+        let sized = |needed: bool| vec![A::ZERO; if needed { width } else { 0 }];
+        RunningBuffers {
+            sum: sized(needs.sum),
+            max: sized(needs.max),
+            weighted: sized(needs.weighted),
+        }
+    }
+
+    /// The first `width` elements of each buffer that exists.
+    fn view(&mut self, width: usize) -> Running<'_, A> {
+        fn cut<A>(buffer: &mut [A], width: usize) -> &mut [A] {
+            let len = if buffer.is_empty() { 0 } else { width };
+            &mut buffer[..len]
+        }
+        Running {
+            sum: cut(&mut self.sum, width),
+            max: cut(&mut self.max, width),
+            weighted: cut(&mut self.weighted, width),
+        }
+    }
+}
+
+impl<A: Accumulator> Scratch<A> {
+    fn new(width: usize, needs: Needs, layered: bool) -> Self {
+        let layer_needs = Needs {
+            max: false,
+            ..needs
+        };
+        Scratch {
+            tokens: vec![A::ZERO; (4 * width.min(BLOCK)).max(width)],
+            widened: vec![A::ZERO; width],
+            running: RunningBuffers::new(width, needs),
+            layer: RunningBuffers::new(if layered { width } else { 0 }, layer_needs),
+        }
+    }
+}
+
+/// Running sums, maxima and rank-weighted sums of a run of hidden elements, all the same
+/// length or empty (not needed).
+struct Running<'a, A> {
+    sum: &'a mut [A],
+    max: &'a mut [A],
+    weighted: &'a mut [A],
+}
+
+impl<A: Accumulator> Running<'_, A> {
+    fn needs(&self) -> Needs {
+        Needs {
+            sum: !self.sum.is_empty(),
+            max: !self.max.is_empty(),
+            weighted: !self.weighted.is_empty(),
+        }
+    }
+
+    fn block(&mut self, range: std::ops::Range<usize>) -> Running<'_, A> {
+        fn part<A>(values: &mut [A], range: std::ops::Range<usize>) -> &mut [A] {
+            if values.is_empty() {
+                values
+            } else {
+                &mut values[range]
+            }
+        }
+        Running {
+            sum: part(self.sum, range.clone()),
+            max: part(self.max, range.clone()),
+            weighted: part(self.weighted, range),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.sum.fill(A::ZERO);
+        self.max.fill(A::NEG_INFINITY);
+        self.weighted.fill(A::ZERO);
+    }
+}
+
+/// Where a chunk's pooled values go: `[pool][segment][hidden]` blocks of `hidden` elements,
+/// the chunk at `offset` inside each block.
+struct Output<'a, A> {
+    values: &'a mut [A],
+    hidden: usize,
+    offset: usize,
 }
 
 struct Job<'job, 'data, T: Element> {
@@ -287,342 +458,269 @@ struct Job<'job, 'data, T: Element> {
     pools: &'job [Pool],
     segments: &'job [Segment<T::Accumulator>],
     gather: &'job [Option<usize>],
-    hidden: usize,
+    needs: Needs,
 }
 
 impl<'data, T: Element> Job<'_, 'data, T> {
+    fn scratch(&self, width: usize) -> Scratch<T::Accumulator> {
+        let layered = self.segments.iter().any(|segment| segment.len() > 1);
+        Scratch::new(width, self.needs, layered)
+    }
+
     /// `pool_chunk` compiled for AVX2, FMA and F16C where the processor has them.
     fn pool_chunk_dispatch(
         &self,
-        row: usize,
-        start: usize,
-        width: usize,
-        out: &mut [T::Accumulator],
-        out_hidden: usize,
+        chunk: Chunk,
+        scratch: &mut Scratch<T::Accumulator>,
+        out: Output<'_, T::Accumulator>,
     ) {
         #[cfg(target_arch = "x86_64")]
         if super::element::has_avx2_fma_f16c() {
             // SAFETY: the processor supports the features this copy was compiled for.
-            unsafe { self.pool_chunk_avx2(row, start, width, out, out_hidden) };
+            unsafe { self.pool_chunk_avx2(chunk, scratch, out) };
             return;
         }
-        self.pool_chunk(row, start, width, out, out_hidden);
+        self.pool_chunk(chunk, scratch, out);
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn pool_chunk_avx2(
         &self,
-        row: usize,
-        start: usize,
-        width: usize,
-        out: &mut [T::Accumulator],
-        out_hidden: usize,
+        chunk: Chunk,
+        scratch: &mut Scratch<T::Accumulator>,
+        out: Output<'_, T::Accumulator>,
     ) {
-        self.pool_chunk(row, start, width, out, out_hidden);
+        self.pool_chunk(chunk, scratch, out);
     }
 
-    /// Pools hidden elements `start..start + width` of one row into `out`, laid out as
-    /// `[pool][segment][out_hidden]` with this chunk at `start` (or at 0 when `out_hidden`
-    /// equals `width`, for a chunk-local buffer).
+    /// Pools one chunk: per segment, accumulate what the pools need, then write each pool.
     #[inline(always)]
     fn pool_chunk(
         &self,
-        row: usize,
-        start: usize,
-        width: usize,
-        out: &mut [T::Accumulator],
-        out_hidden: usize,
+        chunk: Chunk,
+        scratch: &mut Scratch<T::Accumulator>,
+        mut out: Output<'_, T::Accumulator>,
     ) {
-        let offset = if out_hidden == self.hidden { start } else { 0 };
-        let positions = self.selection.row(row);
-        let count = positions.len();
-        let needs_sum = self.pools.iter().any(|pool| pool.needs_sum());
-        let needs_max = self.pools.contains(&Pool::Max);
-        let needs_weighted = self.pools.contains(&Pool::WeightedMean);
-        let zero = T::Accumulator::ZERO;
-        // Four token buffers for the grouped accumulation; whole-width for gathers.
-        let mut loaded = vec![zero; (4 * width.min(BLOCK)).max(width)];
-        let mut widened = vec![zero; width];
-        let mut sum = vec![zero; if needs_sum { width } else { 0 }];
-        let mut max = vec![T::Accumulator::NEG_INFINITY; if needs_max { width } else { 0 }];
-        let mut weighted = vec![zero; if needs_weighted { width } else { 0 }];
-
         for (segment_index, segment) in self.segments.iter().enumerate() {
-            if needs_max || segment.len() == 1 {
-                self.accumulate_row(
-                    segment,
-                    row,
-                    start,
-                    width,
-                    (needs_sum, needs_max, needs_weighted),
-                    (&mut sum, &mut max, &mut weighted),
-                    (&mut loaded, &mut widened),
-                );
-            } else if needs_sum || needs_weighted {
-                // Only linear pools: the pool of a weighted sum of layers is the weighted
-                // sum of each layer's pool, and each layer alone is read in place (no
-                // per-token combining pass).
-                let one = T::Accumulator::from_f64(1.0);
-                sum.fill(zero);
-                weighted.fill(zero);
-                let mut layer_sum = vec![zero; sum.len()];
-                let mut layer_weighted = vec![zero; weighted.len()];
-                for &(layer, weight) in segment.iter() {
-                    self.accumulate_row(
-                        &[(layer, one)],
-                        row,
-                        start,
-                        width,
-                        (needs_sum, false, needs_weighted),
-                        (&mut layer_sum, &mut [], &mut layer_weighted),
-                        (&mut loaded, &mut widened),
-                    );
-                    for (total, &part) in sum.iter_mut().zip(&layer_sum) {
-                        *total += weight * part;
-                    }
-                    for (total, &part) in weighted.iter_mut().zip(&layer_weighted) {
-                        *total += weight * part;
-                    }
-                }
+            self.accumulate(segment, chunk, scratch);
+            self.write_outputs(segment_index, segment, chunk, scratch, &mut out);
+        }
+    }
+
+    /// Fills the scratch's running values over one chunk for one segment.
+    #[inline(always)]
+    fn accumulate(
+        &self,
+        segment: &[(usize, T::Accumulator)],
+        chunk: Chunk,
+        scratch: &mut Scratch<T::Accumulator>,
+    ) {
+        if !self.needs.any() {
+            return;
+        }
+        let Scratch {
+            tokens,
+            widened,
+            running,
+            layer,
+        } = scratch;
+        let mut running = running.view(chunk.width);
+        if self.needs.max || segment.len() == 1 {
+            self.accumulate_tokens(segment, chunk, &mut running, tokens, widened);
+            return;
+        }
+        // Only linear pools: the pool of a weighted sum of layers is the weighted sum of
+        // each layer's pool, and each layer alone is read in place (no per-token combining
+        // pass).
+        let one = T::Accumulator::from_f64(1.0);
+        running.reset();
+        let mut layer = layer.view(chunk.width);
+        for &(index, weight) in segment {
+            self.accumulate_tokens(&[(index, one)], chunk, &mut layer, tokens, widened);
+            for (total, &part) in running.sum.iter_mut().zip(layer.sum.iter()) {
+                *total += weight * part;
             }
-            for (pool_index, pool) in self.pools.iter().enumerate() {
-                let block =
-                    (pool_index * self.segments.len() + segment_index) * out_hidden + offset;
-                let target = &mut out[block..block + width];
-                let scale_sum = |divisor: f64, target: &mut [T::Accumulator]| {
-                    let divisor = T::Accumulator::from_f64(divisor);
-                    for (out, &total) in target.iter_mut().zip(&sum) {
-                        *out = total / divisor;
-                    }
-                };
-                match pool {
-                    _ if count == 0 && *pool != Pool::Index => target.fill(zero),
-                    Pool::Mean => scale_sum(count as f64, target),
-                    Pool::Sum => target.copy_from_slice(&sum),
-                    Pool::MeanSqrtLen => scale_sum((count as f64).sqrt(), target),
-                    Pool::Max => target.copy_from_slice(&max),
-                    Pool::WeightedMean => {
-                        let divisor =
-                            T::Accumulator::from_f64(count as f64 * (count as f64 + 1.0) / 2.0);
-                        for (out, &total) in target.iter_mut().zip(&weighted) {
-                            *out = total / divisor;
-                        }
-                    }
-                    Pool::First | Pool::Last | Pool::Index => {
-                        let token = match pool {
-                            Pool::First => Some(positions[0]),
-                            Pool::Last => Some(positions[count - 1]),
-                            _ => self.gather[row],
-                        };
-                        match token {
-                            Some(token) => {
-                                let values = self.load(
-                                    segment,
-                                    row,
-                                    token,
-                                    start,
-                                    width,
-                                    &mut loaded,
-                                    &mut widened,
-                                );
-                                target.copy_from_slice(values);
-                            }
-                            None => target.fill(zero),
-                        }
-                    }
-                }
+            for (total, &part) in running.weighted.iter_mut().zip(layer.weighted.iter()) {
+                *total += weight * part;
             }
         }
     }
 
-    /// Fills `sum`, `max` and `weighted` (each `width` long where needed) for hidden elements
-    /// `start..start + width` of one row, block by block.
+    /// `accumulate` over the combined values of `segment`, block by block.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-    fn accumulate_row(
+    fn accumulate_tokens(
         &self,
         segment: &[(usize, T::Accumulator)],
-        row: usize,
-        start: usize,
-        width: usize,
-        needs: (bool, bool, bool),
-        targets: (
-            &mut [T::Accumulator],
-            &mut [T::Accumulator],
-            &mut [T::Accumulator],
-        ),
-        scratch: (&mut [T::Accumulator], &mut [T::Accumulator]),
+        chunk: Chunk,
+        running: &mut Running<'_, T::Accumulator>,
+        tokens: &mut [T::Accumulator],
+        widened: &mut [T::Accumulator],
     ) {
-        let (needs_sum, needs_max, needs_weighted) = needs;
-        if !(needs_sum || needs_max || needs_weighted) {
-            return;
-        }
-        let (sum, max, weighted) = targets;
-        let (loaded, widened) = scratch;
-        let positions = self.selection.row(row);
-        let mut block_start = start;
-        while block_start < start + width {
-            let len = BLOCK.min(start + width - block_start);
-            let local = block_start - start;
-            let accumulators = Accumulators {
-                sum: needs_sum.then(|| &mut sum[local..local + len]),
-                max: needs_max.then(|| &mut max[local..local + len]),
-                weighted: needs_weighted.then(|| &mut weighted[local..local + len]),
+        let end = chunk.start + chunk.width;
+        let mut block_start = chunk.start;
+        while block_start < end {
+            let len = BLOCK.min(end - block_start);
+            let local = block_start - chunk.start;
+            let block = Chunk {
+                row: chunk.row,
+                start: block_start,
+                width: len,
             };
-            self.accumulate_block(
-                segment,
-                row,
-                positions,
-                block_start,
-                len,
-                accumulators,
-                loaded,
-                widened,
-            );
+            let mut part = running.block(local..local + len);
+            self.accumulate_block(segment, block, &mut part, tokens, widened);
             block_start += len;
         }
     }
 
-    /// Sums, maxima and rank-weighted sums of hidden elements `start..start + len` over the
-    /// row's real tokens, written into `accumulators` (each `len` long).
+    /// Sums, maxima and rank-weighted sums of one block over the row's real tokens.
     ///
     /// Tokens are taken four at a time and folded together before touching the running
-    /// values, so those are loaded and stored once per four tokens: the loop is then bound by
+    /// values, so those are loaded and stored once per four tokens, in one pass that
+    /// updates every running value (mean+max reads each token once): the loop is bound by
     /// reading the tokens, not by stores.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     fn accumulate_block(
         &self,
         segment: &[(usize, T::Accumulator)],
-        row: usize,
-        positions: &[usize],
-        start: usize,
-        len: usize,
-        accumulators: Accumulators<'_, T::Accumulator>,
-        loaded: &mut [T::Accumulator],
+        block: Chunk,
+        running: &mut Running<'_, T::Accumulator>,
+        tokens: &mut [T::Accumulator],
         widened: &mut [T::Accumulator],
     ) {
-        let (needs_sum, needs_max, needs_weighted) = (
-            accumulators.sum.is_some(),
-            accumulators.max.is_some(),
-            accumulators.weighted.is_some(),
-        );
-        // The running values live in the callers' row buffers (L1-sized); an unneeded one
-        // is an empty slice that the loops below never touch.
-        let sum = start_at(accumulators.sum, T::Accumulator::ZERO);
-        let max = start_at(accumulators.max, T::Accumulator::NEG_INFINITY);
-        let weighted = start_at(accumulators.weighted, T::Accumulator::ZERO);
-        let rank_weight = |rank: usize| T::Accumulator::from_f64((rank + 1) as f64);
-        let (buffers, widened) = (&mut loaded[..4 * len], &mut widened[..len]);
-        let (first_pair, second_pair) = buffers.split_at_mut(2 * len);
+        running.reset();
+        let needs = running.needs();
+        let positions = self.selection.row(block.row);
+        let len = block.width;
+        let (first_pair, second_pair) = tokens[..4 * len].split_at_mut(2 * len);
         let (buffer0, buffer1) = first_pair.split_at_mut(len);
         let (buffer2, buffer3) = second_pair.split_at_mut(len);
-        // Types read in place stream fastest one token at a time; widened types gain from
-        // folding four converted tokens before touching the running values.
-        let group_tokens = T::as_accumulator_slice(&[]).is_none();
-        let groups = if group_tokens { positions.len() / 4 } else { 0 };
-        // Sum alone over one layer (mean, the common case): widen inside the fold, with no
-        // buffers in between.
+        // Sums and maxima over one layer at weight one (mean, max, mean+max on one layer, the
+        // common cases): the element type widens four tokens inside its own fold, with no
+        // buffers in between (float16 with F16C in registers).
         let direct_layer = match segment {
-            [(layer, weight)]
-                if needs_sum
-                    && !needs_max
-                    && !needs_weighted
-                    && *weight == T::Accumulator::from_f64(1.0) =>
-            {
+            [(layer, weight)] if !needs.weighted && *weight == T::Accumulator::from_f64(1.0) => {
                 Some(&self.layers[*layer])
             }
             _ => None,
         };
+        // float32/float64 tokens of one layer are read in place one at a time (measured
+        // 2.5x faster for mean than grouping them: 908 vs 2,369 µs at [32,256,768]);
+        // widened or combined tokens gain from folding four before touching the running
+        // values.
+        let in_place = direct_layer.is_some() && T::as_accumulator_slice(&[]).is_some();
+        let groups = if in_place { 0 } else { positions.len() / 4 };
         for group in 0..groups {
             let rank = group * 4;
-            let tokens = &positions[rank..rank + 4];
+            let four = &positions[rank..rank + 4];
             if let Some(layer) = direct_layer {
-                let slices = [0, 1, 2, 3].map(|slot| layer.token(row, tokens[slot], start, len));
+                let slices =
+                    [0, 1, 2, 3].map(|slot| layer.token(block.row, four[slot], block.start, len));
                 if let [TokenSlice::Contiguous(a), TokenSlice::Contiguous(b), TokenSlice::Contiguous(c), TokenSlice::Contiguous(d)] =
                     slices
                 {
-                    T::fold_four_into(sum, [a, b, c, d]);
+                    let tokens = [a, b, c, d];
+                    match (needs.sum, needs.max) {
+                        (true, false) => {
+                            T::fold_four_into::<true, false>(running.sum, running.max, tokens)
+                        }
+                        (false, true) => {
+                            T::fold_four_into::<false, true>(running.sum, running.max, tokens)
+                        }
+                        _ => T::fold_four_into::<true, true>(running.sum, running.max, tokens),
+                    }
                     continue;
                 }
             }
-            let v0 = self.load(segment, row, tokens[0], start, len, buffer0, widened);
-            let v1 = self.load(segment, row, tokens[1], start, len, buffer1, widened);
-            let v2 = self.load(segment, row, tokens[2], start, len, buffer2, widened);
-            let v3 = self.load(segment, row, tokens[3], start, len, buffer3, widened);
-            let (v0, v1, v2, v3) = (&v0[..len], &v1[..len], &v2[..len], &v3[..len]);
-            if needs_sum {
-                for ((((total, &a), &b), &c), &d) in sum.iter_mut().zip(v0).zip(v1).zip(v2).zip(v3)
-                {
-                    *total += (a + b) + (c + d);
-                }
-            }
-            if needs_max {
-                for ((((largest, &a), &b), &c), &d) in
-                    max.iter_mut().zip(v0).zip(v1).zip(v2).zip(v3)
-                {
-                    *largest = nan_max(*largest, nan_max(nan_max(a, b), nan_max(c, d)));
-                }
-            }
-            if needs_weighted {
-                let weights = [
-                    rank_weight(rank),
-                    rank_weight(rank + 1),
-                    rank_weight(rank + 2),
-                    rank_weight(rank + 3),
-                ];
-                for ((((total, &a), &b), &c), &d) in
-                    weighted.iter_mut().zip(v0).zip(v1).zip(v2).zip(v3)
-                {
-                    *total += (weights[0] * a + weights[1] * b) + (weights[2] * c + weights[3] * d);
-                }
-            }
+            let v0 = self.load(segment, four[0], block, buffer0, widened);
+            let v1 = self.load(segment, four[1], block, buffer1, widened);
+            let v2 = self.load(segment, four[2], block, buffer2, widened);
+            let v3 = self.load(segment, four[3], block, buffer3, widened);
+            fold(needs, running, rank, [v0, v1, v2, v3]);
         }
         for (rank, &token) in positions.iter().enumerate().skip(groups * 4) {
-            let values = self.load(segment, row, token, start, len, buffer0, widened);
-            let values = &values[..len];
-            if needs_sum && needs_max {
-                // One pass for mean+max, the common pair: each value is loaded once.
-                for ((total, largest), &value) in sum.iter_mut().zip(max.iter_mut()).zip(values) {
-                    *total += value;
-                    *largest = nan_max(*largest, value);
-                }
-            } else if needs_sum {
-                for (total, &value) in sum.iter_mut().zip(values) {
-                    *total += value;
-                }
-            } else if needs_max {
-                for (largest, &value) in max.iter_mut().zip(values) {
-                    *largest = nan_max(*largest, value);
-                }
-            }
-            if needs_weighted {
-                let weight = rank_weight(rank);
-                for (total, &value) in weighted.iter_mut().zip(values) {
-                    *total += weight * value;
+            let values = self.load(segment, token, block, buffer0, widened);
+            fold(needs, running, rank, [values]);
+        }
+    }
+
+    /// Writes every pool's values for one segment of one chunk from the running values
+    /// (reducing pools) or from the token itself (gathering pools).
+    #[inline(always)]
+    fn write_outputs(
+        &self,
+        segment_index: usize,
+        segment: &[(usize, T::Accumulator)],
+        chunk: Chunk,
+        scratch: &mut Scratch<T::Accumulator>,
+        out: &mut Output<'_, T::Accumulator>,
+    ) {
+        let positions = self.selection.row(chunk.row);
+        let count = positions.len();
+        let width = chunk.width;
+        let zero = T::Accumulator::ZERO;
+        let running = scratch.running.view(width);
+        for (pool_index, pool) in self.pools.iter().enumerate() {
+            let block =
+                (pool_index * self.segments.len() + segment_index) * out.hidden + out.offset;
+            let target = &mut out.values[block..block + width];
+            let scaled =
+                |divisor: f64, source: &[T::Accumulator], target: &mut [T::Accumulator]| {
+                    let divisor = T::Accumulator::from_f64(divisor);
+                    for (out, &total) in target.iter_mut().zip(source) {
+                        *out = total / divisor;
+                    }
+                };
+            match pool {
+                _ if count == 0 && *pool != Pool::Index => target.fill(zero),
+                Pool::Mean => scaled(count as f64, running.sum, target),
+                Pool::Sum => target.copy_from_slice(running.sum),
+                Pool::MeanSqrtLen => scaled((count as f64).sqrt(), running.sum, target),
+                Pool::Max => target.copy_from_slice(running.max),
+                Pool::WeightedMean => scaled(
+                    count as f64 * (count as f64 + 1.0) / 2.0,
+                    running.weighted,
+                    target,
+                ),
+                Pool::First | Pool::Last | Pool::Index => {
+                    let token = match pool {
+                        Pool::First => Some(positions[0]),
+                        Pool::Last => Some(positions[count - 1]),
+                        _ => self.gather[chunk.row],
+                    };
+                    match token {
+                        Some(token) => {
+                            let values = self.load(
+                                segment,
+                                token,
+                                chunk,
+                                &mut scratch.tokens,
+                                &mut scratch.widened,
+                            );
+                            target.copy_from_slice(values);
+                        }
+                        None => target.fill(zero),
+                    }
                 }
             }
         }
     }
 
-    /// One token's combined hidden chunk, widened to the accumulator type. f32 and f64
-    /// single-layer reads come straight from the caller's memory.
-    #[allow(clippy::too_many_arguments)]
+    /// One token's combined values over `block`'s hidden range, widened to the accumulator
+    /// type. f32 and f64 single-layer reads come straight from the caller's memory.
     #[inline(always)]
     fn load<'s>(
         &self,
         segment: &[(usize, T::Accumulator)],
-        row: usize,
         token: usize,
-        start: usize,
-        width: usize,
+        block: Chunk,
         loaded: &'s mut [T::Accumulator],
         widened: &mut [T::Accumulator],
     ) -> &'s [T::Accumulator]
     where
         'data: 's,
     {
+        let Chunk { row, start, width } = block;
         let loaded = &mut loaded[..width];
         let widened = &mut widened[..width];
         let one = T::Accumulator::from_f64(1.0);
@@ -667,27 +765,109 @@ impl<'data, T: Element> Job<'_, 'data, T> {
     }
 }
 
-/// A running-value buffer set to its starting value, or an empty slice when not needed.
+/// Folds `N` consecutive real tokens (ranks `rank..rank + N`) into the running values, with
+/// the loop compiled once per combination of needed values (no branch inside it).
 #[inline(always)]
-fn start_at<A: Accumulator>(target: Option<&mut [A]>, initial: A) -> &mut [A] {
-    let target = target.unwrap_or_default();
-    target.fill(initial);
-    target
+fn fold<A: Accumulator, const N: usize>(
+    needs: Needs,
+    running: &mut Running<'_, A>,
+    rank: usize,
+    tokens: [&[A]; N],
+) {
+    match (needs.sum, needs.max, needs.weighted) {
+        (true, false, false) => fold_as::<A, N, true, false, false>(running, rank, tokens),
+        (false, true, false) => fold_as::<A, N, false, true, false>(running, rank, tokens),
+        (true, true, false) => fold_as::<A, N, true, true, false>(running, rank, tokens),
+        (false, false, true) => fold_as::<A, N, false, false, true>(running, rank, tokens),
+        (true, false, true) => fold_as::<A, N, true, false, true>(running, rank, tokens),
+        (false, true, true) => fold_as::<A, N, false, true, true>(running, rank, tokens),
+        (true, true, true) => fold_as::<A, N, true, true, true>(running, rank, tokens),
+        (false, false, false) => {}
+    }
 }
 
-/// The larger of two values, NaN if either is NaN (as torch.amax).
-///
-/// `a > b ? a : b` is one `vmaxps`; `a + b` is NaN exactly when either is, and the unordered
-/// test picks it. Neither arm is `a` itself: when one was (`keep ? a : b`), LLVM turned
-/// `*running = nan_max(*running, value)` into a masked store (`vmaskmovps`), which AMD Zen
-/// microcodes; that made max 3.2x slower than mean (3,229 vs 1,019 µs, [32,256,768] f32).
 #[inline(always)]
-fn nan_max<A: Accumulator>(a: A, b: A) -> A {
-    let larger = if a > b { a } else { b };
-    if a.is_nan() || b.is_nan() {
-        a + b
+fn fold_as<
+    A: Accumulator,
+    const N: usize,
+    const SUM: bool,
+    const MAX: bool,
+    const WEIGHTED: bool,
+>(
+    running: &mut Running<'_, A>,
+    rank: usize,
+    tokens: [&[A]; N],
+) {
+    let len = [running.sum.len(), running.max.len(), running.weighted.len()]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+    let tokens = tokens.map(|token| &token[..len]);
+    let sum = &mut running.sum[..if SUM { len } else { 0 }];
+    let max = &mut running.max[..if MAX { len } else { 0 }];
+    let weighted = &mut running.weighted[..if WEIGHTED { len } else { 0 }];
+    let weights: [A; N] = std::array::from_fn(|slot| A::from_f64((rank + slot + 1) as f64));
+    for index in 0..len {
+        let values: [A; N] = std::array::from_fn(|slot| tokens[slot][index]);
+        // Pairwise for four tokens: two independent operations before the running value.
+        if SUM {
+            sum[index] += pairwise(values, |a, b| a + b);
+        }
+        if MAX {
+            max[index] = running_max(max[index], values);
+        }
+        if WEIGHTED {
+            let products: [A; N] = std::array::from_fn(|slot| weights[slot] * values[slot]);
+            weighted[index] += pairwise(products, |a, b| a + b);
+        }
+    }
+}
+
+/// `(v0 op v1) op (v2 op v3)` for four values, `v0` for one.
+#[inline(always)]
+pub(crate) fn pairwise<A: Copy, const N: usize>(values: [A; N], op: impl Fn(A, A) -> A) -> A {
+    match N {
+        4 => op(op(values[0], values[1]), op(values[2], values[3])),
+        1 => values[0],
+        _ => {
+            let mut total = values[0];
+            for &value in &values[1..] {
+                total = op(total, value);
+            }
+            total
+        }
+    }
+}
+
+/// `a > b ? a : b`: one `maxps`. Not NaN-safe alone: it returns `b` when either is NaN.
+#[inline(always)]
+pub(crate) fn greater<A: Accumulator>(a: A, b: A) -> A {
+    if a > b {
+        a
     } else {
-        larger
+        b
+    }
+}
+
+/// The running maximum after `values`, NaN once any value so far is NaN (as torch.amax).
+///
+/// The maximum of the new values is taken with plain `maxps` (which may drop a NaN) and the
+/// NaN test is done once for all of them (`cmpunordps`, which folds pairs); a NaN running
+/// value survives because `greater` returns its second operand on NaN. Eight operations per
+/// four tokens instead of sixteen for pairwise NaN-safe maxima. The NaN arm is a constant,
+/// not the running value: a select whose arm was the loaded running value (`keep ? a : b`)
+/// became a masked store (`vmaskmovps`), which AMD Zen microcodes; that made max 3.2x
+/// slower than mean (3,229 vs 1,019 µs, [32,256,768] float32, one thread).
+#[inline(always)]
+pub(crate) fn running_max<A: Accumulator, const N: usize>(running: A, values: [A; N]) -> A {
+    let any_nan = values
+        .iter()
+        .fold(false, |seen, value| seen | value.is_nan());
+    let largest = pairwise(values, greater);
+    if any_nan {
+        A::NAN
+    } else {
+        greater(largest, running)
     }
 }
 
@@ -1000,20 +1180,23 @@ mod tests {
 
     #[test]
     fn nan_anywhere_in_a_group_of_tokens_reaches_max_and_mean() {
-        // Half types fold four tokens at a time (mean alone takes a direct path; 17 hidden
-        // elements cover both the 8-wide body and the tail); a NaN in any slot must still
-        // propagate.
+        // Half types fold four tokens at a time (mean, max and mean+max take a direct path;
+        // 17 hidden elements cover both the 8-wide body and the tail), float32 and float64
+        // one token at a time in place; a NaN in any slot must still propagate.
         let pool_sets: [&[Pool]; 4] = [
             &[Pool::Mean],
             &[Pool::Max],
             &[Pool::WeightedMean],
             &[Pool::Mean, Pool::Max],
         ];
-        for pools in pool_sets {
+        fn check<T: Element>(one: T, nan: T, pools: &[Pool])
+        where
+            T::Accumulator: Into<f64>,
+        {
             for slot in 0..9 {
                 for hidden in [1usize, 17] {
-                    let mut values = vec![f16::from_f32(1.0); 9 * hidden];
-                    values[slot * hidden + hidden - 1] = f16::NAN;
+                    let mut values = vec![one; 9 * hidden];
+                    values[slot * hidden + hidden - 1] = nan;
                     let out = pool_one_layer(
                         &values,
                         [1, 9, hidden],
@@ -1022,17 +1205,25 @@ mod tests {
                         Execution::Sequential,
                     );
                     for chunk in out.chunks(hidden) {
+                        let chunk: Vec<f64> = chunk.iter().map(|&v| v.into()).collect();
+                        let name = T::NAME;
                         assert!(
                             chunk[hidden - 1].is_nan(),
-                            "{pools:?} slot {slot}: {chunk:?}"
+                            "{name} {pools:?} slot {slot}: {chunk:?}"
                         );
                         assert!(
                             chunk[..hidden - 1].iter().all(|v| *v == 1.0),
-                            "{pools:?}: {chunk:?}"
+                            "{name} {pools:?}: {chunk:?}"
                         );
                     }
                 }
             }
+        }
+        for pools in pool_sets {
+            check(f16::from_f32(1.0), f16::NAN, pools);
+            check(bf16::from_f32(1.0), bf16::NAN, pools);
+            check(1.0f32, f32::NAN, pools);
+            check(1.0f64, f64::NAN, pools);
         }
     }
 
