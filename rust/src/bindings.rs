@@ -614,8 +614,12 @@ fn pool<'py>(
             mask.shape, layers[0].shape
         )));
     }
-    let selection = selection_from_mask(&mask)?;
     let request = ParsedRequest::parse(pools, combine, layer_weights, index)?;
+    let selection = if request.pools.iter().all(|&pool| pool == Pool::Index) {
+        TokenSelection::positions_only(rows, tokens)
+    } else {
+        selection_from_mask(&mask)?
+    };
     dispatch(py, &layers, &selection, None, &request.borrowed())
 }
 

@@ -38,18 +38,30 @@ impl TokenSelection {
             ));
         }
         let mut row_starts = Vec::with_capacity(rows + 1);
-        let mut positions = Vec::new();
+        // Branch-free compaction: every position is written, and the length advances only
+        // past real ones. A `push` per real token mispredicts on ragged masks; this is what
+        // keeps the gathering pools (first, last, eos) cheaper than torch.gather.
+        let mut positions = vec![0usize; rows * tokens];
+        let mut kept = 0;
         row_starts.push(0);
         for row in 0..rows {
             let row_origin = origin as isize + row as isize * strides[0];
-            for token in 0..tokens {
-                let index = (row_origin + token as isize * strides[1]) as usize;
-                if mask[index].is_real() {
-                    positions.push(token);
+            if strides[1] == 1 {
+                let start = row_origin as usize;
+                for (token, value) in mask[start..start + tokens].iter().enumerate() {
+                    positions[kept] = token;
+                    kept += usize::from(value.is_real());
+                }
+            } else {
+                for token in 0..tokens {
+                    let index = (row_origin + token as isize * strides[1]) as usize;
+                    positions[kept] = token;
+                    kept += usize::from(mask[index].is_real());
                 }
             }
-            row_starts.push(positions.len());
+            row_starts.push(kept);
         }
+        positions.truncate(kept);
         Ok(TokenSelection {
             row_starts,
             positions,
@@ -75,6 +87,18 @@ impl TokenSelection {
             ));
         }
         Self::from_mask(mask, 0, [rows, tokens], [tokens as isize, 1])
+    }
+
+    /// `rows` rows of `tokens` positions with no real token listed: for calls whose every
+    /// pool gathers at explicit positions (`Pool::Index`), which read no mask, so building
+    /// the real-token list would be wasted work (it is most of the cost of an `eos` call).
+    pub fn positions_only(rows: usize, tokens: usize) -> Self {
+        TokenSelection {
+            row_starts: vec![0; rows + 1],
+            positions: Vec::new(),
+            token_bound: tokens,
+            packed: false,
+        }
     }
 
     /// From cu_seqlens-style offsets `[B + 1]` over `total_tokens` packed tokens: must start
