@@ -46,7 +46,7 @@ impl TokenSelection {
         row_starts.push(0);
         for row in 0..rows {
             let row_origin = origin as isize + row as isize * strides[0];
-            if strides[1] == 1 {
+            if strides[1] == 1 && tokens > 0 {
                 let start = row_origin as usize;
                 for (token, value) in mask[start..start + tokens].iter().enumerate() {
                     positions[kept] = token;
@@ -230,6 +230,22 @@ mod tests {
         let selection = TokenSelection::from_mask(&stored, 0, [2, 3], [1, 2]).unwrap();
         assert_eq!(selection.row(0), &[0, 1]);
         assert_eq!(selection.row(1), &[1, 2]);
+    }
+
+    #[test]
+    fn rows_of_no_tokens_and_index_only_selections() {
+        // A [3, 0] mask sliced out of a wider one: row origins point past an empty buffer.
+        let selection = TokenSelection::from_mask(&[] as &[u8], 4, [3, 0], [2, 1]).unwrap();
+        assert_eq!(selection.counts(), vec![0, 0, 0]);
+        let bounds = TokenSelection::positions_only(2, 5);
+        assert_eq!(
+            (bounds.rows(), bounds.token_bound(), bounds.total()),
+            (2, 5, 0)
+        );
+        assert_eq!(
+            bounds.resolve_gather(&[4, -1]).unwrap(),
+            vec![Some(4), None]
+        );
     }
 
     #[test]
