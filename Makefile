@@ -45,13 +45,16 @@ rust-test: $(STAMP)
 		cargo +$$toolchain check --quiet --lib --features python --target-dir target/msrv; \
 	else echo "rust $(MSRV) not installed: rust-version not checked"; fi
 
-lint: $(STAMP)
+lint: build
 	ruff check python tests benches scripts
 	ruff format --check python tests benches scripts
 	mypy
+	python -m mypy.stubtest hiddenpool._native
 
+# The tests, then every docstring example in the package (`--doctest-modules`).
 python-test: build
 	pytest -q
+	pytest -q --doctest-modules python/hiddenpool
 
 # The wheel as users get it: built, installed into a fresh environment with only its
 # declared dependencies, imported and called there.

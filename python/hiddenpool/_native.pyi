@@ -5,6 +5,16 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+__all__ = [
+    "POOLS",
+    "_panic_for_tests",
+    "find_token",
+    "get_num_threads",
+    "pool",
+    "pool_packed",
+    "set_num_threads",
+]
+
 POOLS: list[str]
 
 def pool(

