@@ -254,12 +254,24 @@ def table(
                     peer_time = median_seconds(function, repeat)
                     lines.append(
                         f"| {shape} | {dtype} | {operation} | {format_time(our_time)} | {name} | "
-                        f"{format_time(peer_time)} | {peer_time / our_time:.1f}x faster | "
+                        f"{format_time(peer_time)} | {speed_ratio(our_time, peer_time)} | "
                         f"{rate:.1f} | {format_time(floor_time)} | {our_time / floor_time:.2f} |"
                     )
                     if echo:
                         echo(lines[-1])
     return lines
+
+
+def speed_ratio(our_time: float, peer_time: float) -> str:
+    """How ours compares, always as a ratio of at least 1: "2.0x faster" or "2.0x slower"
+    (never "0.5x faster").
+
+    >>> speed_ratio(1.0, 2.0), speed_ratio(2.0, 1.0)
+    ('2.0x faster', '2.0x slower')
+    """
+    if our_time <= peer_time:
+        return f"{peer_time / our_time:.1f}x faster"
+    return f"{our_time / peer_time:.1f}x slower"
 
 
 def print_table(
