@@ -341,7 +341,7 @@ impl Needs {
 
 /// One unit of work: hidden elements `start..start + width` of one row.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Chunk {
+struct Chunk {
     row: usize,
     start: usize,
     width: usize,
@@ -349,7 +349,7 @@ pub(crate) struct Chunk {
 
 /// Buffers a task reuses for every chunk it pools: allocated once per task (rayon's
 /// `for_each_init`), not once per row.
-pub(crate) struct Scratch<A> {
+struct Scratch<A> {
     /// Four tokens' combined values, a block each; one whole chunk for a gathered token.
     tokens: Vec<A>,
     /// One layer's widened values while several layers are combined.
