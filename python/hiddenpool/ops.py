@@ -474,8 +474,6 @@ def _eos_positions(
         raise TypeError(f"input_ids: expected int32 or int64 token ids, got {ids.dtype}")
     positions: Any = chosen.find_token(ids, mask, int(eos_token_id))
     missing: Any = positions < 0
-    if not bool(missing.any()):
-        return positions  # the common case, without the row bookkeeping below
     missing_rows = np.flatnonzero(np.asarray(missing.cpu() if chosen.use_torch else missing))
     if missing_rows.size:
         real: Any = mask != 0

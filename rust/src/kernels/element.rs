@@ -74,22 +74,7 @@ pub trait Element: Copy + Send + Sync + 'static {
         max: &mut [Self::Accumulator],
         tokens: [&[Self]; 4],
     ) {
-        let len = tokens
-            .iter()
-            .map(|token| token.len())
-            .fold(usize::MAX, usize::min);
-        let [a, b, c, d] = tokens.map(|token| &token[..len]);
-        let sum = &mut sum[..if SUM { len } else { 0 }];
-        let max = &mut max[..if MAX { len } else { 0 }];
-        for index in 0..len {
-            let [a, b, c, d] = [a[index], b[index], c[index], d[index]].map(Self::widen);
-            if SUM {
-                sum[index] += (a + b) + (c + d);
-            }
-            if MAX {
-                max[index] = running_max(max[index], [a, b, c, d]);
-            }
-        }
+        fold_four_widening::<Self, SUM, MAX>(sum, max, tokens);
     }
 
     /// The same memory seen as accumulators when no widening is needed (f32, f64),
@@ -149,19 +134,7 @@ impl Element for f16 {
             unsafe { fold_four_f16c::<SUM, MAX>(sum, max, tokens) };
             return;
         }
-        let len = tokens
-            .iter()
-            .map(|token| token.len())
-            .fold(usize::MAX, usize::min);
-        for index in 0..len {
-            let [a, b, c, d] = tokens.map(|token| token[index].to_f32());
-            if SUM {
-                sum[index] += (a + b) + (c + d);
-            }
-            if MAX {
-                max[index] = running_max(max[index], [a, b, c, d]);
-            }
-        }
+        fold_four_widening::<f16, SUM, MAX>(sum, max, tokens);
     }
 }
 
@@ -216,8 +189,32 @@ fn fold_four_f16c<const SUM: bool, const MAX: bool>(
             }
         }
     }
-    for index in whole..len {
-        let [a, b, c, d] = tokens.map(|token| token[index].to_f32());
+    // An unneeded running buffer is empty here, so its tail starts at 0, not `whole`.
+    let (sum_tail, max_tail) = (whole.min(sum.len()), whole.min(max.len()));
+    fold_four_widening::<f16, SUM, MAX>(
+        &mut sum[sum_tail..],
+        &mut max[max_tail..],
+        tokens.map(|token| &token[whole..len]),
+    );
+}
+
+/// `Element::fold_four_into` one value at a time, widening each with `Element::widen`: the
+/// default, the float16 path without F16C, and the float16 tail after whole groups of 8.
+#[inline(always)]
+fn fold_four_widening<T: Element, const SUM: bool, const MAX: bool>(
+    sum: &mut [T::Accumulator],
+    max: &mut [T::Accumulator],
+    tokens: [&[T]; 4],
+) {
+    let len = tokens
+        .iter()
+        .map(|token| token.len())
+        .fold(usize::MAX, usize::min);
+    let [a, b, c, d] = tokens.map(|token| &token[..len]);
+    let sum = &mut sum[..if SUM { len } else { 0 }];
+    let max = &mut max[..if MAX { len } else { 0 }];
+    for index in 0..len {
+        let [a, b, c, d] = [a[index], b[index], c[index], d[index]].map(T::widen);
         if SUM {
             sum[index] += (a + b) + (c + d);
         }

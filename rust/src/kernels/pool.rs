@@ -378,14 +378,10 @@ impl<A: Accumulator> RunningBuffers<A> {
 
     /// The first `width` elements of each buffer that exists.
     fn view(&mut self, width: usize) -> Running<'_, A> {
-        fn cut<A>(buffer: &mut [A], width: usize) -> &mut [A] {
-            let len = if buffer.is_empty() { 0 } else { width };
-            &mut buffer[..len]
-        }
         Running {
-            sum: cut(&mut self.sum, width),
-            max: cut(&mut self.max, width),
-            weighted: cut(&mut self.weighted, width),
+            sum: part_of(&mut self.sum, 0..width),
+            max: part_of(&mut self.max, 0..width),
+            weighted: part_of(&mut self.weighted, 0..width),
         }
     }
 }
@@ -402,6 +398,15 @@ impl<A: Accumulator> Scratch<A> {
             running: RunningBuffers::new(width, needs),
             layer: RunningBuffers::new(if layered { width } else { 0 }, layer_needs),
         }
+    }
+}
+
+/// `values[range]`, or the empty slice for a running buffer no pool needs.
+fn part_of<A>(values: &mut [A], range: std::ops::Range<usize>) -> &mut [A] {
+    if values.is_empty() {
+        values
+    } else {
+        &mut values[range]
     }
 }
 
@@ -423,17 +428,10 @@ impl<A: Accumulator> Running<'_, A> {
     }
 
     fn block(&mut self, range: std::ops::Range<usize>) -> Running<'_, A> {
-        fn part<A>(values: &mut [A], range: std::ops::Range<usize>) -> &mut [A] {
-            if values.is_empty() {
-                values
-            } else {
-                &mut values[range]
-            }
-        }
         Running {
-            sum: part(self.sum, range.clone()),
-            max: part(self.max, range.clone()),
-            weighted: part(self.weighted, range),
+            sum: part_of(self.sum, range.clone()),
+            max: part_of(self.max, range.clone()),
+            weighted: part_of(self.weighted, range),
         }
     }
 

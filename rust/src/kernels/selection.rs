@@ -46,18 +46,10 @@ impl TokenSelection {
         row_starts.push(0);
         for row in 0..rows {
             let row_origin = origin as isize + row as isize * strides[0];
-            if strides[1] == 1 && tokens > 0 {
-                let start = row_origin as usize;
-                for (token, value) in mask[start..start + tokens].iter().enumerate() {
-                    positions[kept] = token;
-                    kept += usize::from(value.is_real());
-                }
-            } else {
-                for token in 0..tokens {
-                    let index = (row_origin + token as isize * strides[1]) as usize;
-                    positions[kept] = token;
-                    kept += usize::from(mask[index].is_real());
-                }
+            for token in 0..tokens {
+                let index = (row_origin + token as isize * strides[1]) as usize;
+                positions[kept] = token;
+                kept += usize::from(mask[index].is_real());
             }
             row_starts.push(kept);
         }
