@@ -207,8 +207,9 @@ def _parse_dtype(dtype: str) -> torch.dtype:
 def header(threads: int, repeat: int) -> str:
     return (
         f"machine: {platform.machine()}, {os.cpu_count()} cores; threads: {threads}; "
-        f"torch {torch.__version__}; median of up to {repeat} runs; 'ours vs peer' = peer time / "
-        "our time; floor = torch.sum over the bytes the operation must read"
+        f"torch {torch.__version__}; median of up to {repeat} runs; 'ours vs peer' = how many "
+        "times faster (peer time / ours) or slower (ours / peer time); "
+        "floor = torch.sum over the bytes the operation must read"
     )
 
 
