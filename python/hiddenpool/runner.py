@@ -1,0 +1,70 @@
+"""The seam between the encoder and whatever computes hidden states.
+
+A runner takes padded token batches (numpy ``[B, T]`` int64 ids, mask, type ids) and
+returns hidden states that ``hiddenpool.pool`` reads; tokenization, batching, ordering,
+truncation counting, progress and output stay in ``Encoder``. Two runners exist:
+``TorchRunner`` (transformers models) and ``OnnxRunner`` (ONNX Runtime, no torch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from hiddenpool.strategy import Strategy
+from hiddenpool.tokens import TextTokenizer, TokenBatch
+
+Family = Literal["encoder", "encoder-decoder", "clip", "decoder"]
+EosRule = Literal["first", "argmax"]
+
+
+class Runner(Protocol):
+    family: Family
+    max_length: int
+    eos_token_id: int | None
+    # "argmax": old CLIP configs (eos_token_id 2) take the highest id of each row, as
+    # transformers does for them; "first": the first position of eos_token_id.
+    eos_rule: EosRule
+    projects: bool  # CLIP text projection applied to pooled rows
+
+    @property
+    def tokenizer(self) -> TextTokenizer: ...
+
+    def state_count(self) -> int:
+        """L + 1: the embedding output and one state per layer."""
+        ...
+
+    def check(self, strategies: Sequence[Strategy]) -> None:
+        """Raises ValueError when a strategy needs a state this runner cannot give."""
+        ...
+
+    def run(self, batch: TokenBatch, states: frozenset[int]) -> Any:
+        """Hidden states of ``batch`` as ``hiddenpool.pool`` reads them; only the state
+        indices in ``states`` (0..L) need to be filled."""
+        ...
+
+    def finish(self, pooled: Any) -> np.ndarray:
+        """A pooled ``[B, D]`` result as float32 numpy, projected where ``projects``."""
+        ...
+
+
+def decoder_positions(mask: np.ndarray) -> np.ndarray:
+    """Positions counting real tokens only, so a left-padded text sees the positions it
+    would see alone (``[B, T]`` int64; 0 at padding before the first real token).
+
+    >>> decoder_positions(np.array([[0, 0, 1, 1], [1, 1, 1, 0]]))
+    array([[0, 0, 0, 1],
+           [0, 1, 2, 2]])
+    """
+    return np.maximum(np.cumsum(mask != 0, axis=1, dtype=np.int64) - 1, 0)
+
+
+def needed_states(strategies: Sequence[Strategy], state_count: int) -> frozenset[int]:
+    """The state indices (0..L) the strategies read."""
+    return frozenset(
+        index % state_count
+        for strategy in strategies
+        for index in strategy.resolve_layers(state_count)
+    )
