@@ -8,6 +8,7 @@
 
 from hiddenpool._native import get_num_threads, set_num_threads
 from hiddenpool.encoder import Encoder, TokenReport
+from hiddenpool.export import export_onnx
 from hiddenpool.ops import (
     cls,
     eos,
@@ -33,6 +34,7 @@ __all__ = [
     "TokenReport",
     "cls",
     "eos",
+    "export_onnx",
     "first",
     "gather",
     "get_num_threads",

