@@ -228,7 +228,7 @@ class Encoder:
                         f"project: strategy {item} gives several hidden-size blocks; the text "
                         "projection applies to single-pool strategies"
                     )
-        self.runner.check(parsed)
+        self.runner.check(dict(zip(keys, parsed, strict=True)))
         states = needed_states(parsed, self.runner.state_count())
 
         tokenizer = self.runner.tokenizer

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -274,15 +274,15 @@ class OnnxRunner:
         count = self.state_count()
         return frozenset(range(count)) if self.manifest.exported else frozenset({count - 1})
 
-    def check(self, strategies: Sequence[Strategy]) -> None:
+    def check(self, strategies: Mapping[str, Strategy]) -> None:
         count = self.state_count()
         available = self.available()
-        for strategy in strategies:
+        for key, strategy in strategies.items():
             needed = {index % count for index in strategy.resolve_layers(count)}
             unknown_depth = self.manifest.state_count is None and strategy.layers != ("last",)
             if unknown_depth or not needed <= available:
                 raise ValueError(
-                    f"strategy {strategy}: needs hidden states other than the last, but "
+                    f"strategy {key}: needs hidden states other than the last, but "
                     f"{self.graph_path} outputs only {self.output_names}; export the "
                     "transformers model with `hiddenpool export MODEL --output DIR` to get "
                     "every layer"

@@ -8,7 +8,7 @@ truncation counting, progress and output stay in ``Encoder``. Two runners exist:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -36,8 +36,9 @@ class Runner(Protocol):
         """L + 1: the embedding output and one state per layer."""
         ...
 
-    def check(self, strategies: Sequence[Strategy]) -> None:
-        """Raises ValueError when a strategy needs a state this runner cannot give."""
+    def check(self, strategies: Mapping[str, Strategy]) -> None:
+        """Raises ValueError when a strategy (keyed by its text as given) needs a state this
+        runner cannot give."""
         ...
 
     def run(self, batch: TokenBatch, states: frozenset[int]) -> Any:

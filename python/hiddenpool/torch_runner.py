@@ -17,7 +17,7 @@ import inspect
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -134,9 +134,9 @@ class TorchRunner:
             self._state_count = len(self._forward(probe, all_states=True).hidden_states)
         return self._state_count
 
-    def check(self, strategies: Sequence[Strategy]) -> None:
+    def check(self, strategies: Mapping[str, Strategy]) -> None:
         count = self.state_count()
-        for strategy in strategies:
+        for strategy in strategies.values():
             strategy.resolve_layers(count)
 
     def run(self, batch: TokenBatch, states: frozenset[int]) -> Any:
