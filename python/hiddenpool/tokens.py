@@ -14,11 +14,12 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-# Padded tokens per batch when nothing else is asked for. Measured on all-MiniLM-L6-v2, the
-# STS-B dev sentences, 2 threads (ONNX Runtime fp32): 2,048 to 16,384 tokens all land within
-# 3% of each other; fewer than ~1,000 loses up to 10% to per-call overhead, and larger
-# budgets only raise peak memory (hidden states of every layer are held per batch).
-DEFAULT_MAX_BATCH_TOKENS = 8192
+# Padded tokens per batch when nothing else is asked for. Measured with
+# `python benches/end_to_end.py --sweep 256 512 1024 2048 4096` (all-MiniLM-L6-v2, 2,910
+# STS-B dev sentences, 2 threads): ONNX Runtime fp32 6.3 s at 1,024 against 7.0-7.8 s at
+# 256, 512, 2,048 and 4,096; torch 8.6 s from 1,024 to 4,096, 10.2 s at 256. Larger batches
+# leave the caches (8,192 cost ONNX Runtime 35% more) and hold more hidden states at once.
+DEFAULT_MAX_BATCH_TOKENS = 1024
 
 
 @dataclass
