@@ -64,6 +64,11 @@ wheel-test: $(STAMP)
 	python3 -m venv build/wheel-venv
 	build/wheel-venv/bin/python -m pip install --quiet dist/hiddenpool-*.whl
 	cd /tmp && $(abspath build/wheel-venv)/bin/python $(abspath scripts/wheel_smoke.py)
+	# Then the `onnx` extra (versions as pinned for development) and an exported folder,
+	# encoded there without torch or transformers installed.
+	$(PYTHON) scripts/onnx_export_reference.py build/onnx-smoke
+	build/wheel-venv/bin/python -m pip install --quiet "$$(ls dist/hiddenpool-*.whl)[onnx]" -c requirements/dev.txt
+	cd /tmp && $(abspath build/wheel-venv)/bin/python $(abspath scripts/onnx_smoke.py) $(abspath build/onnx-smoke)
 
 test: rust-test lint python-test wheel-test
 

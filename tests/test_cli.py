@@ -349,3 +349,54 @@ def test_bench_prints_a_table_and_refuses_bad_shapes():
     assert all(("x faster" in row) != ("x slower" in row) for row in rows)
     bad = run_cli("bench", "--shapes", "2by8", "--repeat", "3")
     assert bad.returncode == 2 and "expected BxTxH" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_export_then_encode_and_compare_on_the_onnx_folder(tiny_bert_folder, tmp_path):
+    pytest.importorskip("onnxruntime")
+    folder = tmp_path / "tiny-onnx"
+    exported = run_cli("export", tiny_bert_folder, "--output", str(folder))
+    assert exported.returncode == 0, exported.stderr
+    assert f"-> {folder}" in exported.stdout and (folder / "hiddenpool-onnx.json").is_file()
+    texts = ["the cat sat", "", "a dog ran in the park", "bird"]
+    source = write(tmp_path / "in.txt", "\n".join(texts) + "\n")
+    output = tmp_path / "out.npz"
+    strategies = ["mean@last", "mean@last4:sum", "cls+max@-2"]
+    result = run_cli(
+        "encode", "--model", str(folder), "--input", source, "--output", str(output),
+        "--strategy", *strategies, "--max-batch-tokens", "8",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "on ONNX Runtime" in result.stdout
+    model, tokenizer = tiny_models.bert()
+    expected = Encoder(model, tokenizer).encode(texts, strategies)
+    archive = np.load(output)
+    for strategy in strategies:
+        np.testing.assert_allclose(archive[strategy], expected[strategy], atol=1e-5)
+    compared = run_cli("compare", "--model", str(folder), "--strategies", "mean@last", "cls@-2")
+    assert compared.returncode == 0, compared.stderr
+    assert "mean@last" in compared.stdout and "cls@-2" in compared.stdout
+
+
+def test_export_and_onnx_errors_are_one_line_with_exit_code_2(tiny_bert_folder, tmp_path):
+    pytest.importorskip("onnxruntime")
+    folder = tmp_path / "tiny-onnx"
+    assert run_cli("export", tiny_bert_folder, "--output", str(folder)).returncode == 0
+    source = write(tmp_path / "in.txt", "the cat\n")
+    cases = [
+        (["export", tiny_bert_folder, "--output", str(folder)], "exists and is not an empty"),
+        (["export", tiny_bert_folder, "--output", str(tmp_path / "q"), "--quantize", "int4"],
+         "invalid choice: 'int4'"),
+        (["export", str(tmp_path / "nowhere"), "--output", str(tmp_path / "n")],
+         "could not load a model there"),
+        (["encode", "--model", str(folder), "--device", "cuda", "--input", source,
+          "--output", str(tmp_path / "a.npy")], "device: applies to the torch backend only"),
+        (["encode", "--model", str(folder), "--max-batch-tokens", "0", "--input", source,
+          "--output", str(tmp_path / "b.npy")], "--max-batch-tokens must be a positive integer"),
+        (["encode", "--model", str(folder), "--backend", "torch", "--input", source,
+          "--output", str(tmp_path / "c.npy")], "is an ONNX folder without transformers weights"),
+    ]  # fmt: skip
+    for arguments, message in cases:
+        result = run_cli(*arguments)
+        assert result.returncode == 2, (arguments, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.txt", "tiny-onnx"]
