@@ -29,6 +29,10 @@ demo: build
 	hiddenpool compare
 	hiddenpool encode --input python/hiddenpool/data/demo_texts.txt --output build/demo-embeddings.npz --strategy mean@last cls@last mean@last4:sum --normalize
 	$(PYTHON) -c "import numpy as np; data = np.load('build/demo-embeddings.npz'); [print(key, data[key].shape, data[key][0, :4].round(4)) for key in data]"
+	# The fast CPU path: export to ONNX with int8 weights, then run without torch.
+	rm -rf build/demo-onnx-int8
+	hiddenpool export --output build/demo-onnx-int8 --quantize int8
+	hiddenpool compare --model build/demo-onnx-int8 --strategies mean@last cls@last mean@last4:sum mean@first_last:mean
 
 # The declared minimum Rust (Cargo.toml's rust-version) is checked with that toolchain
 # where rustup has it installed (`rustup toolchain install 1.86.0`); skipped elsewhere.

@@ -129,7 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments.sweep:
         pipelines = [
             Pipeline(f"{label} max_batch_tokens={tokens}", ours(encoder, None, tokens))
-            for label, encoder in (("torch", torch_encoder), ("ONNX fp32", onnx_float32))
+            for label, encoder in (
+                ("torch", torch_encoder),
+                ("ONNX fp32", onnx_float32),
+                ("ONNX int8", onnx_int8),
+            )
             for tokens in arguments.sweep
         ]
     else:
