@@ -355,3 +355,17 @@ def test_source_pooling_reads_both_sentence_transformers_formats(tmp_path):
     )
     (tmp_path / "modules.json").write_text(json.dumps(modules))
     assert source_pooling(str(tmp_path)) == {"strategy": "mean+last@last", "normalize": True}
+
+
+def test_token_report_and_empty_input_equal_the_torch_runner(tmp_path):
+    model, tokenizer = tiny_models.bert()
+    torch_encoder = Encoder(model, tokenizer, max_length=8)
+    export_onnx(torch_encoder, tmp_path / "bert")
+    onnx_encoder = Encoder.from_pretrained(tmp_path / "bert")
+    assert onnx_encoder.max_length == 8
+    assert onnx_encoder.token_report(TEXTS) == torch_encoder.token_report(TEXTS)
+    assert onnx_encoder.token_report(TEXTS).truncated_texts == 2
+    with pytest.warns(UserWarning, match=f"2 of {len(TEXTS)} texts were longer than max_length=8"):
+        onnx_encoder.encode(TEXTS)
+    empty = onnx_encoder.encode([], ["mean@last", "mean+max@last2:concat"])
+    assert empty["mean@last"].shape == (0, 16) and empty["mean+max@last2:concat"].shape == (0, 64)

@@ -370,6 +370,7 @@ def _cached_export(path: str, quantize: Literal["int8"] | None, project: bool) -
     options and hiddenpool's version, so a changed model or release exports again."""
     import hiddenpool
     from hiddenpool.export import export_onnx
+    from hiddenpool.onnx_runner import MANIFEST
 
     digest = hashlib.sha256()
     source = os.path.abspath(path)
@@ -381,7 +382,12 @@ def _cached_export(path: str, quantize: Literal["int8"] | None, project: bool) -
                 digest.update(f"{root}/{name}|{status.st_size}|{status.st_mtime_ns}".encode())
     folder = os.path.join(_cache_root(), "onnx", digest.hexdigest()[:24])
     if not os.path.isdir(folder):
-        export_onnx(path, folder, quantize=quantize, project=project)
+        try:
+            export_onnx(path, folder, quantize=quantize, project=project)
+        except (OSError, ValueError):
+            # Another process may have finished the same export first: use its folder.
+            if not os.path.isfile(os.path.join(folder, MANIFEST)):
+                raise
     return folder
 
 

