@@ -94,7 +94,12 @@ def read_manifest(folder: str) -> Manifest:
                 f"format {FORMAT} (export the model again with this version)"
             )
         fields = {k: v for k, v in data.items() if k in Manifest.__dataclass_fields__}
-        return Manifest(**fields)
+        try:
+            return Manifest(**fields)
+        except TypeError as error:
+            raise ValueError(
+                f"model: {path} is incomplete ({error}); export the model again"
+            ) from None
     graph = _foreign_graph(folder)
     if graph is None:
         raise ValueError(
