@@ -330,6 +330,14 @@ def test_bad_arguments_are_refused_before_work(tmp_path):
         OnnxRunner(str(tmp_path))
     # Nothing half-written beside the folders.
     assert sorted(os.listdir(tmp_path)) == ["bert"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / MANIFEST).write_text(json.dumps({"format": 1, "family": "encoder"}))
+    with pytest.raises(ValueError, match=r"model: .*hiddenpool-onnx.json is incomplete"):
+        Encoder.from_pretrained(broken)
+    (broken / MANIFEST).write_text(json.dumps({"format": 99}))
+    with pytest.raises(ValueError, match="has format 99; this hiddenpool reads format 1"):
+        Encoder.from_pretrained(broken)
 
 
 def test_source_pooling_reads_both_sentence_transformers_formats(tmp_path):
