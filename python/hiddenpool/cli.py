@@ -49,11 +49,12 @@ def _load_encoder(arguments: argparse.Namespace) -> tuple[Any, str]:
     if arguments.model and not os.path.isdir(model):
         # A hub name would need the network, which hiddenpool never assumes it has.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from hiddenpool.encoder import Encoder
+    from hiddenpool.encoder import Encoder, runs_on_onnx
     from hiddenpool.onnx_runner import is_onnx_folder
 
-    onnx_folder = os.path.isdir(model) and is_onnx_folder(model)
-    if arguments.backend == "torch" or not onnx_folder:
+    if not runs_on_onnx(model, arguments.backend) or (
+        arguments.backend == "onnx" and not is_onnx_folder(model)
+    ):
         # transformers is needed only where it runs or exports the model.
         try:
             import transformers

@@ -95,7 +95,9 @@ class Encoder:
         """Loads a model folder (or an installed transformers model name).
 
         ``backend="auto"`` runs ONNX folders (made by ``hiddenpool export``, or holding a
-        ``model.onnx``) on ONNX Runtime and everything else on transformers/torch.
+        ``model.onnx`` and no transformers weights) on ONNX Runtime and everything else on
+        transformers/torch; ``backend="onnx"`` on a folder with someone else's
+        ``model.onnx`` (``onnx/model.onnx`` of a sentence-transformers folder) runs that graph.
         ``backend="onnx"`` on a transformers folder exports it once into a cache folder
         (``$HIDDENPOOL_CACHE``, else ``~/.cache/hiddenpool``) and reuses it; ``quantize="int8"``
         makes that export dynamically quantized. ``backend="torch"`` always uses transformers.
@@ -118,7 +120,7 @@ class Encoder:
                 f"backend: {path} is an ONNX folder without transformers weights; use "
                 "backend='onnx' (or 'auto')"
             )
-        if backend == "onnx" or (backend == "auto" and onnx_folder):
+        if runs_on_onnx(path, backend):
             for name, value in (("device", device), ("dtype", dtype)):
                 if value is not None:
                     raise ValueError(f"{name}: applies to the torch backend only")
@@ -349,6 +351,21 @@ def _show_progress(progress: bool | None, batches: int) -> bool:
             raise ValueError("progress: True needs tqdm (pip install tqdm)") from None
         return False
     return progress if progress is not None else (sys.stderr.isatty() and batches > 1)
+
+
+def runs_on_onnx(path: str, backend: Backend) -> bool:
+    """Whether ``Encoder.from_pretrained(path, backend=backend)`` runs ONNX Runtime. "auto"
+    does for folders made by ``hiddenpool export`` and for ONNX folders without
+    transformers weights; a folder holding both weights and someone else's ``model.onnx``
+    (most sentence-transformers folders) runs on torch, where every layer is available,
+    unless ``backend="onnx"`` asks for its graph."""
+    from hiddenpool.onnx_runner import MANIFEST, is_onnx_folder
+
+    if backend != "auto":
+        return backend == "onnx"
+    if not os.path.isdir(path) or not is_onnx_folder(path):
+        return False
+    return os.path.isfile(os.path.join(path, MANIFEST)) or not _has_torch_weights(path)
 
 
 def _has_torch_weights(path: str) -> bool:
