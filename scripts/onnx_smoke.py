@@ -8,8 +8,10 @@ installed; prints the environment's installed size.
 
 import importlib.util
 import os
+import subprocess
 import sys
 import sysconfig
+import tempfile
 import warnings
 
 import numpy as np
@@ -35,6 +37,19 @@ every = encoder.encode(texts, ["mean@last4:sum", "cls+max@-2"])
 assert every["mean@last4:sum"].shape == (5, 384) and every["cls+max@-2"].shape == (5, 768)
 loaded = sorted(name for name in ("torch", "transformers") if name in sys.modules)
 assert not loaded, loaded
+
+# The command line too: encode from the folder into a file, equal to the rows above.
+with tempfile.TemporaryDirectory() as scratch:
+    output = os.path.join(scratch, "vectors.npy")
+    command = [sys.executable, "-m", "hiddenpool", "encode", "--model"]
+    command += [os.path.join(folder, "minilm"), "--input", os.path.join(folder, "texts.txt")]
+    command += ["--output", output, "--normalize"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    from_cli = np.load(output)
+# texts.txt holds the texts with newlines as spaces, so compare the rows without them.
+np.testing.assert_allclose(from_cli[[0, 1, 2, 3]], rows[[0, 1, 2, 3]], atol=1e-6)
+print("hiddenpool encode --model FOLDER:", result.stdout.strip())
 site = sysconfig.get_paths()["purelib"]
 size = sum(
     os.path.getsize(os.path.join(root, name))
