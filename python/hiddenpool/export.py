@@ -6,9 +6,9 @@ The folder holds ``model.onnx`` (outputs ``last_hidden_state`` and ``hidden_stat
 and CLIP rule, whether positions come from the mask, the source model's own pooling) and,
 for CLIP with ``project=True``, ``text_projection.npy``.
 
-Export needs torch, transformers and onnx (``pip install "hiddenpool[export]"``); nothing
-after it does. Each export is checked against the torch model on a batch of another shape
-than the one traced before it is written, and written whole or not at all.
+Export needs torch, transformers and onnx (``pip install ".[export]"`` in a hiddenpool
+checkout); nothing after it does. Each export is checked against the torch model on a batch
+of another shape than the one traced before it is written, and written whole or not at all.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def export_onnx(
     except ImportError as error:
         raise ImportError(
             f"export needs torch, transformers and onnx ({error.name} is missing): "
-            'pip install "hiddenpool[export]"'
+            'pip install ".[export]" in a hiddenpool checkout'
         ) from None
 
     with _quiet():

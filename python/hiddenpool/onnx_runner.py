@@ -199,7 +199,7 @@ class OnnxRunner:
         except ImportError as error:
             raise ImportError(
                 f"the ONNX runner needs onnxruntime and tokenizers ({error.name} is missing): "
-                'pip install "hiddenpool[onnx]"'
+                'pip install ".[onnx]" in a hiddenpool checkout'
             ) from None
         self.folder = folder
         self.manifest = manifest = read_manifest(folder)
