@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -247,17 +248,24 @@ def _compare(arguments: argparse.Namespace) -> int:
         + (f", {pairs.skipped} bad rows skipped" if pairs.skipped else ""),
         flush=True,
     )
-    comparison = evaluate.compare(
-        encoder,
-        pairs,
-        strategies,
-        batch_size=arguments.batch_size,
-        max_batch_tokens=arguments.max_batch_tokens,
-        missing_eos=arguments.missing_eos,
-        layer_weights=arguments.layer_weights,
-        layer_scale=arguments.layer_scale,
-        model_name=model_name,
-    )
+    with warnings.catch_warnings():
+        # The data notes are printed below as hiddenpool warnings.
+        warnings.simplefilter("ignore", UserWarning)
+        comparison = evaluate.compare(
+            encoder,
+            pairs,
+            strategies,
+            batch_size=arguments.batch_size,
+            max_batch_tokens=arguments.max_batch_tokens,
+            missing_eos=arguments.missing_eos,
+            layer_weights=arguments.layer_weights,
+            layer_scale=arguments.layer_scale,
+            model_name=model_name,
+            resamples=arguments.bootstrap,
+            seed=arguments.seed,
+        )
+    for note in comparison.notes:
+        print(f"hiddenpool: warning: {data}: {note}", file=sys.stderr)
     count = f"all {len(strategies)} strategies" if len(strategies) > 1 else "the 1 strategy"
     print(
         f"{comparison.sentences} distinct sentences encoded once for {count} in "
@@ -309,16 +317,32 @@ def _check_output(flag: str, path: str, extensions: Sequence[str]) -> None:
         raise UsageError(f"{flag} {path}: the folder {directory} is not writable")
 
 
+def _percent(value: float, width: int = 8) -> str:
+    return f"{value * 100:>{width}.2f}" if value == value else f"{'n/a':>{width}}"
+
+
 def _table(comparison: Any) -> str:
+    """The ranking; with bootstrap intervals, a column with each 95% interval, the paired
+    p-value against the best and '=' where the two cannot be told apart (p >= 0.05)."""
     width = max(len("strategy"), *(len(result.strategy) for result in comparison.results))
-    lines = [
-        f"{'rank':>4}  {'strategy':<{width}}  {'dim':>5}  {'Spearman':>8}  {'Pearson':>8}  "
-        f"{'seconds':>8}"
-    ]
+    intervals = comparison.resamples > 0
+    head = f"{'rank':>4}  {'strategy':<{width}}  {'dim':>5}  {'Spearman':>8}"
+    if intervals:
+        head += f"  {'95% interval':>15}  {'p vs best':>9}   "
+    lines = [head + f"  {'Pearson':>8}  {'seconds':>8}"]
     for position, result in enumerate(comparison.results, start=1):
+        line = f"{position:>4}  {result.strategy:<{width}}  {result.dim:>5}  "
+        line += _percent(result.spearman)
+        if intervals:
+            interval = f"{_percent(result.ci_low, 6).strip()}-{_percent(result.ci_high, 6).strip()}"
+            p_value = f"{result.p_vs_best:.3f}" if result.p_vs_best == result.p_vs_best else "n/a"
+            line += f"  {interval:>15}  {p_value:>9} {'=' if result.tied_with_best else ' ':>2}"
+        lines.append(line + f"  {_percent(result.pearson)}  {result.seconds:>8.3f}")
+    if intervals:
         lines.append(
-            f"{position:>4}  {result.strategy:<{width}}  {result.dim:>5}  "
-            f"{result.spearman * 100:>8.2f}  {result.pearson * 100:>8.2f}  {result.seconds:>8.3f}"
+            f"\n95% intervals: {comparison.resamples} bootstrap resamples of the pairs (seed "
+            f"{comparison.seed}); '=' marks strategies the paired test cannot tell from the "
+            "best (p >= 0.05)"
         )
     return "\n".join(lines)
 
@@ -673,6 +697,14 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--skip-bad", action="store_true", help="skip and count bad rows instead of stopping"
     )
+    compare.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="bootstrap resamples for the 95%% intervals and paired tests (0: none)",
+    )
+    compare.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
     compare.set_defaults(run=_compare)
 
     encode = command("encode", "write embeddings of a text file")
@@ -721,6 +753,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
+    if getattr(arguments, "bootstrap", 0) < 0:
+        print("hiddenpool: error: --bootstrap must be 0 or a positive integer", file=sys.stderr)
+        return 2
     for option in ("batch_size", "max_batch_tokens", "max_length", "threads", "repeat"):
         value = getattr(arguments, option, None)
         if value is not None and value < 1:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import csv
 import os
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
@@ -188,6 +189,15 @@ class StrategyResult:
     spearman: float
     pearson: float
     seconds: float
+    ci_low: float = float("nan")  # 95% bootstrap interval of spearman, over pairs
+    ci_high: float = float("nan")
+    p_vs_best: float = float("nan")  # paired bootstrap p-value against the best strategy
+    tied_with_best: bool = False  # p_vs_best >= 0.05 (the best itself included)
+
+
+# A strategy is called tied with the best when the paired test cannot tell them apart at
+# this level.
+TIE_LEVEL = 0.05
 
 
 @dataclass
@@ -198,22 +208,89 @@ class Comparison:
     encode_seconds: float
     results: list[StrategyResult] = field(default_factory=list)
     skipped: int = 0
+    data: str = ""
+    max_length: int | None = None
+    resamples: int = 0
+    seed: int | None = None
+    notes: list[str] = field(default_factory=list)  # why figures may mean little
 
     def as_json(self) -> dict[str, Any]:
+        """The comparison as JSON-ready values; NaN (a constant side) becomes None."""
+        from hiddenpool import __version__
+
         return {
             "model": self.model,
+            "data": self.data,
             "pairs": self.pairs,
+            "sentences": self.sentences,
+            "skipped": self.skipped,
+            "encode_seconds": self.encode_seconds,
+            "max_length": self.max_length,
+            "bootstrap_resamples": self.resamples,
+            "seed": self.seed,
+            "hiddenpool_version": __version__,
+            "notes": list(self.notes),
             "results": [
                 {
                     "strategy": result.strategy,
                     "dim": result.dim,
-                    "spearman": result.spearman,
-                    "pearson": result.pearson,
+                    "spearman": _finite(result.spearman),
+                    "pearson": _finite(result.pearson),
+                    "ci_low": _finite(result.ci_low),
+                    "ci_high": _finite(result.ci_high),
+                    "p_vs_best": _finite(result.p_vs_best),
+                    "tied_with_best": result.tied_with_best,
                     "seconds": result.seconds,
                 }
                 for result in self.results
             ],
         }
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def add_intervals(
+    results: Sequence[StrategyResult],
+    similarities: dict[str, np.ndarray],
+    scores: np.ndarray,
+    resamples: int,
+    seed: int | None,
+) -> None:
+    """Fills each result's 95% bootstrap interval of Spearman over pairs and its paired
+    p-value against the best-scoring strategy, all on the same resamples."""
+    from hiddenpool import bootstrap
+
+    if resamples == 0 or not results:
+        return
+    indices = bootstrap.resample_indices(len(scores), resamples, seed)
+
+    def scorer(values: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda chosen: bootstrap.spearman_rows(values[chosen], scores[chosen])
+
+    samples = {
+        result.strategy: bootstrap.bootstrap_scores(scorer(similarities[result.strategy]), indices)
+        for result in results
+    }
+    best = max(results, key=lambda result: np.nan_to_num(result.spearman, nan=-2.0))
+    for result in results:
+        interval = bootstrap.percentile_interval(samples[result.strategy])
+        result.ci_low, result.ci_high = interval.low, interval.high
+        result.p_vs_best = bootstrap.paired_p_value(
+            samples[best.strategy], samples[result.strategy]
+        )
+        result.tied_with_best = bool(result.p_vs_best >= TIE_LEVEL)
+
+
+def data_notes(scores: np.ndarray) -> list[str]:
+    """Why figures on these gold scores may mean little (few pairs, constant scores)."""
+    notes = []
+    if len(scores) < 10:
+        notes.append(f"only {len(scores)} pairs: correlations on so few pairs mean little")
+    if len(scores) and np.all(scores == scores[0]):
+        notes.append("every gold score is the same: correlations are undefined (null)")
+    return notes
 
 
 def compare(
@@ -228,12 +305,16 @@ def compare(
     layer_scale: float = 1.0,
     model_name: str = "",
     progress: bool | None = None,
+    resamples: int = 1000,
+    seed: int | None = 0,
 ) -> Comparison:
     """Scores each strategy on ``pairs``: every distinct sentence is encoded once, in one
     forward pass per batch for all strategies; ``seconds`` is each strategy's own pooling
     and scoring time. Results are ranked by Spearman, best first. ``batch_size`` and
     ``max_batch_tokens``, ``missing_eos``, ``layer_weights`` and ``layer_scale`` are
-    ``Encoder.encode``'s."""
+    ``Encoder.encode``'s. ``resamples`` bootstrap resamples of the pairs (``seed`` makes
+    them reproducible; 0 skips) give each result a 95% interval and a paired p-value
+    against the best strategy."""
     if not pairs.scores.size:
         raise DataError(f"{pairs.source}: no sentence pairs to score")
     sentences = list(dict.fromkeys(pairs.first + pairs.second))
@@ -255,12 +336,23 @@ def compare(
     )
     encode_seconds = time.perf_counter() - started
     comparison = Comparison(
-        model_name, len(pairs.scores), len(sentences), encode_seconds, skipped=pairs.skipped
+        model_name,
+        len(pairs.scores),
+        len(sentences),
+        encode_seconds,
+        skipped=pairs.skipped,
+        data=pairs.source,
+        max_length=getattr(encoder, "max_length", None),
+        resamples=resamples,
+        seed=seed,
+        notes=data_notes(pairs.scores),
     )
+    all_similarities: dict[str, np.ndarray] = {}
     for strategy in strategies:
         scoring_started = time.perf_counter()
         vectors = embeddings[strategy]
         similarities = cosine_similarities(vectors[first_index], vectors[second_index])
+        all_similarities[strategy] = similarities
         result = StrategyResult(
             strategy=strategy,
             dim=int(vectors.shape[1]),
@@ -270,4 +362,7 @@ def compare(
         )
         comparison.results.append(result)
     comparison.results.sort(key=lambda result: -np.nan_to_num(result.spearman, nan=-2.0))
+    add_intervals(comparison.results, all_similarities, pairs.scores, resamples, seed)
+    for note in comparison.notes:
+        warnings.warn(f"{pairs.source}: {note}", stacklevel=2)
     return comparison
