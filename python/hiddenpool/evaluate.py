@@ -366,3 +366,38 @@ def compare(
     for note in comparison.notes:
         warnings.warn(f"{pairs.source}: {note}", stacklevel=2)
     return comparison
+
+
+def sweep_strategies(state_count: int, family: str) -> list[str]:
+    """Every single hidden state (0 = embedding output .. L) with mean, max and cls, and
+    eos for CLIP: the strategies of ``compare --sweep``, pooled from one forward pass.
+
+    >>> sweep_strategies(3, "encoder")[:4]
+    ['mean@0', 'max@0', 'cls@0', 'mean@1']
+    """
+    pools = ["mean", "max", "cls"] + (["eos"] if family == "clip" else [])
+    return [f"{pool}@{state}" for state in range(state_count) for pool in pools]
+
+
+def average(comparisons: Sequence[Comparison]) -> list[dict[str, Any]]:
+    """Strategies ranked by their mean Spearman over several comparisons (one per data
+    file), each with its per-file figures (None where undefined)."""
+    strategies = [result.strategy for result in comparisons[0].results]
+    rows: list[dict[str, Any]] = []
+    for strategy in strategies:
+        values = [
+            next(r.spearman for r in comparison.results if r.strategy == strategy)
+            for comparison in comparisons
+        ]
+        finite = [value for value in values if np.isfinite(value)]
+        mean = float(np.mean(finite)) if len(finite) == len(values) else float("nan")
+        rows.append(
+            {
+                "strategy": strategy,
+                "mean_spearman": _finite(mean),
+                "spearman": [_finite(value) for value in values],
+            }
+        )
+    means = [row["mean_spearman"] for row in rows]
+    order = sorted(range(len(rows)), key=lambda i: -(means[i] if means[i] is not None else -2.0))
+    return [rows[i] for i in order]
