@@ -120,12 +120,19 @@ def test_compare_json_schema_and_plot(tiny_bert_folder, tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(output.read_text())
     assert report["pairs"] == 4 and report["model"] == tiny_bert_folder
+    assert report["data"] == data and report["bootstrap_resamples"] == 1000
+    assert "only 4 pairs" in result.stderr  # too few pairs to mean much
     assert sorted(r["strategy"] for r in report["results"]) == sorted(strategies)
     spearmans = [r["spearman"] for r in report["results"]]
     assert spearmans == sorted(spearmans, reverse=True)
     for entry in report["results"]:
-        assert set(entry) == {"strategy", "dim", "spearman", "pearson", "seconds"}
+        assert set(entry) == {
+            "strategy", "dim", "spearman", "pearson", "seconds",
+            "ci_low", "ci_high", "p_vs_best", "tied_with_best",
+        }  # fmt: skip
         assert -1 <= entry["spearman"] <= 1 and -1 <= entry["pearson"] <= 1
+        assert entry["ci_low"] <= entry["spearman"] <= entry["ci_high"]
+        assert 0 < entry["p_vs_best"] <= 1
     assert {r["strategy"]: r["dim"] for r in report["results"]}["mean@last2:concat"] == 32
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Spearman" in result.stdout and "MEAN@last" in result.stdout
