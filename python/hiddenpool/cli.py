@@ -398,6 +398,13 @@ def _run_comparison(
         )
     for note in comparison.notes:
         print(f"hiddenpool: warning: {pairs.source}: {note}", file=sys.stderr)
+    undefined = [r.strategy for r in comparison.results if r.spearman != r.spearman]
+    if undefined and not any("gold score" in note for note in comparison.notes):
+        print(
+            f"hiddenpool: warning: {pairs.source}: {', '.join(undefined)}: the same similarity "
+            "for every pair, so no correlation (n/a; null in JSON)",
+            file=sys.stderr,
+        )
     return comparison
 
 
@@ -410,7 +417,7 @@ def _sweep_grid(results: Sequence[Any]) -> str:
         parsed = Strategy.parse(result.strategy)
         cells[(int(parsed.layers[0]), result.strategy.split("@")[0])] = result
     present = {pool for _, pool in cells}
-    pools = [pool for pool in ("mean", "max", "cls", "eos") if pool in present]
+    pools: list[str] = [pool for pool in ("mean", "max", "cls", "eos") if pool in present]
     pools += sorted(present - set(pools))
     best = max(
         results, key=lambda result: result.spearman if result.spearman == result.spearman else -2
