@@ -49,7 +49,8 @@ def export_onnx(
 
     ``quantize="int8"`` writes a dynamically quantized graph (int8 weights per channel,
     activations quantized per batch at run time). ``project=True`` loads a CLIP model with
-    its text projection and saves the projection beside the graph.
+    its text projection and saves the projection beside the graph. ``max_length`` (for a
+    folder or name; an Encoder brings its own) is the token limit written to the manifest.
 
     Load the result with ``Encoder.from_pretrained(output_dir)``. int8 rows depend a little
     on which texts share a batch: activations are quantized with one scale per batch.
