@@ -325,9 +325,15 @@ def test_cli_with_the_default_model_and_shipped_pairs(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(report_path.read_text())
     assert report["pairs"] == len(evaluate.read_pairs(evaluate.default_data_path()).scores)
-    assert sorted(r["strategy"] for r in report["results"]) == sorted(evaluate.DEFAULT_STRATEGIES)
+    assert sorted(r["strategy"] for r in report["results"]) == sorted(
+        ["model", *evaluate.DEFAULT_STRATEGIES]
+    )
     mean = next(r for r in report["results"] if r["strategy"] == "mean@last")
     assert mean["dim"] == 384 and mean["spearman"] > 0.8
+    # all-MiniLM-L6-v2's own pipeline is mean pooling then Normalize: the same ranking.
+    own = next(r for r in report["results"] if r["strategy"] == "model")
+    assert own["spearman"] == mean["spearman"]
+    assert "strategy 'model' = mean@last, normalized" in result.stdout
     source = write(tmp_path / "in.txt", "A man plays a guitar.\nA dog runs.\n")
     output = tmp_path / "emb.npy"
     encoded = run_cli("encode", "--input", source, "--output", str(output), "--normalize")

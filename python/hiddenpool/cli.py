@@ -137,6 +137,8 @@ def _preflight(arguments: argparse.Namespace, strategies: Sequence[str] = ()) ->
     count = _state_count_from_files(model) if os.path.isdir(model) else None
     if count is not None:
         for strategy in strategies:
+            if strategy.strip() == "model":
+                continue
             try:
                 Strategy.parse(strategy).resolve_layers(count)
             except ValueError as error:
@@ -193,6 +195,12 @@ def _check_strategies(strategies: Sequence[str]) -> None:
 
     seen: dict[str, str] = {}
     for strategy in strategies:
+        if strategy.strip() == "model":
+            canonical = "model"
+            if canonical in seen:
+                raise UsageError("strategy 'model': given twice; give it once")
+            seen[canonical] = strategy
+            continue
         try:
             canonical = str(Strategy.parse(strategy))
         except ValueError as error:
@@ -247,11 +255,13 @@ def _compare(arguments: argparse.Namespace) -> int:
     if arguments.sweep:
         strategies = evaluate.sweep_strategies(encoder.runner.state_count(), encoder.family)
     else:
-        strategies = list(arguments.strategies or evaluate.DEFAULT_STRATEGIES)
+        strategies = list(arguments.strategies or ["model", *evaluate.DEFAULT_STRATEGIES])
         if not arguments.strategies and encoder.family == "clip":
             strategies.append("eos@last")
     _check_against_model(encoder, arguments, strategies)
     print(f"model: {model_name}")
+    if "model" in strategies:
+        print(f"strategy 'model' = {encoder.describe_model_strategy()} (the model's own pipeline)")
     comparisons = []
     for path, pairs in datasets:
         if len(datasets) > 1:
@@ -321,9 +331,11 @@ def _compare_retrieval(arguments: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     model = _preflight(arguments, arguments.strategies or ())
     encoder, model_name = _load_encoder(arguments, model)
-    strategies = list(arguments.strategies or evaluate.DEFAULT_STRATEGIES)
+    strategies = list(arguments.strategies or ["model", *evaluate.DEFAULT_STRATEGIES])
     _check_against_model(encoder, arguments, strategies)
     print(f"model: {model_name}")
+    if "model" in strategies:
+        print(f"strategy 'model' = {encoder.describe_model_strategy()} (the model's own pipeline)")
     print(f"data: {path}: {len(data.queries)} queries, corpus of {len(data.corpus)}", flush=True)
     comparison = retrieval.compare_retrieval(
         encoder,
@@ -746,7 +758,7 @@ def _read_json_array(path: str, name: str) -> list[str]:
 def _encode(arguments: argparse.Namespace) -> int:
     import numpy as np
 
-    strategies = _strategies(arguments) or ["mean@last"]
+    strategies = _strategies(arguments) or ["model"]
     _check_strategies(strategies)
     _check_encode_options(arguments)
     output = arguments.output
@@ -920,7 +932,9 @@ def _parser() -> argparse.ArgumentParser:
             dest="strategies",
             nargs="+",
             metavar="STRATEGY",
-            help="strategies (see below; default: encode mean@last, compare a preset of 10)",
+            help="strategies (see below); 'model' is the model's own sentence-transformers "
+            "pipeline, mean@last without one (default: encode model, compare model and a "
+            "preset of 10)",
         )
 
     compare = command("compare", "rank pooling strategies on sentence-similarity data")

@@ -22,7 +22,8 @@ import numpy as np
 
 from hiddenpool.ops import StrategyLike, pool
 from hiddenpool.runner import Family, Runner, needed_states
-from hiddenpool.strategy import strategy_list
+from hiddenpool.sentence_transformers import Pipeline
+from hiddenpool.strategy import Strategy, strategy_list
 from hiddenpool.tokens import DEFAULT_MAX_BATCH_TOKENS, pad_batch, plan_batches
 
 Backend = Literal["auto", "torch", "onnx"]
@@ -71,12 +72,18 @@ class Encoder:
         from hiddenpool.torch_runner import TorchRunner
 
         self.runner = TorchRunner(model, tokenizer, max_length=max_length, project=project)
+        self.pipeline: Pipeline | None = None
+        self._said_no_pipeline = False
 
     @classmethod
-    def from_runner(cls, runner: Runner) -> Encoder:
-        """An encoder on any runner (``hiddenpool.runner.Runner``)."""
+    def from_runner(cls, runner: Runner, pipeline: Pipeline | None = None) -> Encoder:
+        """An encoder on any runner (``hiddenpool.runner.Runner``); ``pipeline`` is what the
+        ``"model"`` strategy runs (a sentence-transformers folder's pooling, Dense layers and
+        Normalize, ``hiddenpool.sentence_transformers.read_pipeline``)."""
         encoder = cls.__new__(cls)
         encoder.runner = runner
+        encoder.pipeline = pipeline
+        encoder._said_no_pipeline = False
         return encoder
 
     @classmethod
@@ -134,7 +141,8 @@ class Encoder:
                     "(`hiddenpool export MODEL --output DIR --quantize int8`)"
                 )
             folder = path if onnx_folder else _cached_export(path, quantize, project)
-            return cls.from_runner(OnnxRunner(folder, max_length=max_length, project=project))
+            runner: Runner = OnnxRunner(folder, max_length=max_length, project=project)
+            return cls.from_runner(runner, _pipeline_of(folder, project))
         if quantize is not None:
             raise ValueError("quantize: applies to the ONNX backend only (backend='onnx')")
         from hiddenpool.torch_runner import load
@@ -147,7 +155,7 @@ class Encoder:
             project=project,
             model_kwargs=model_kwargs,
         )
-        return cls.from_runner(runner)
+        return cls.from_runner(runner, _pipeline_of(path, project))
 
     # What the runner knows, under the names the first release had.
     @property
@@ -185,7 +193,7 @@ class Encoder:
     def encode(
         self,
         texts: Sequence[str],
-        strategy: StrategyLike | Sequence[StrategyLike] = "mean@last",
+        strategy: StrategyLike | Sequence[StrategyLike] = "model",
         *,
         batch_size: int | None = None,
         max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
@@ -200,7 +208,10 @@ class Encoder:
         """Encodes ``texts`` into ``[N, D]`` float32 embeddings, in input order.
 
         ``strategy`` is one strategy (an array comes back) or a list (a dict keyed by each
-        strategy as given comes back), all computed from one forward pass per batch.
+        strategy as given comes back), all computed from one forward pass per batch. The
+        default, ``"model"``, is the pipeline the model's authors configured in a
+        sentence-transformers folder (its pooling, then its Dense layers and Normalize;
+        ``Encoder.pipeline``); without one it is ``mean@last``, said once in a warning.
         Texts are tokenized once and sorted by token count; a batch holds at most
         ``batch_size`` texts (None: no limit) and at most ``max_batch_tokens`` padded tokens
         (None: no limit; a longer text gets a batch of its own). ``normalize`` scales each
@@ -214,6 +225,34 @@ class Encoder:
         the model (``check``) before the first forward pass.
         """
         texts = _checked_texts(texts)
+        several, given = _given_strategies(strategy)
+        if any(_is_model(item) for item in given):
+            pipeline = self._model_pipeline()
+            inner = [self._model_strategy() if _is_model(item) else item for item in given]
+            _, inner_keys, _ = strategy_list(list(dict.fromkeys(str(i) for i in inner)))
+            pooled = self.encode(
+                texts,
+                inner_keys,
+                batch_size=batch_size,
+                max_batch_tokens=max_batch_tokens,
+                progress=progress,
+                missing_eos=missing_eos,
+                layer_weights=layer_weights,
+                layer_scale=layer_scale,
+                timings=timings,
+            )
+            results: dict[str, np.ndarray] = {}
+            keys = []
+            for item, inner_item in zip(given, inner, strict=True):
+                key = "model" if _is_model(item) else strategy_list(item)[1][0]
+                rows = pooled[str(inner_item)]
+                if _is_model(item) and pipeline is not None:
+                    rows = pipeline.apply(rows)
+                    if timings is not None:
+                        timings["model"] = timings.get(str(inner_item), 0.0)
+                results[key] = rows
+                keys.append(key)
+            return self._finish(results, keys, several, output, normalize)
         for name, limit in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
             if limit is not None and (
                 not isinstance(limit, int) or isinstance(limit, bool) or limit < 1
@@ -256,7 +295,7 @@ class Encoder:
             from tqdm.auto import tqdm
 
             iterator = tqdm(batches, desc="encoding", unit="batch")
-        results: dict[str, np.ndarray] = {}
+        results = {}
         for rows in iterator:
             batch = pad_batch(tokenized, rows, tokenizer)
             pooled = self._pool(
@@ -291,7 +330,10 @@ class Encoder:
         ...
         ValueError: strategy eos@last: the eos pool needs an end-of-sequence token and ...
         """
-        _, keys, parsed = strategy_list(strategy)
+        _, given = _given_strategies(strategy)
+        if any(_is_model(item) for item in given):
+            given = [self._model_strategy() if _is_model(item) else item for item in given]
+        _, keys, parsed = strategy_list(given)
         for key, item in zip(keys, parsed, strict=True):
             if self.runner.projects and (len(item.pools) > 1 or item.combine == "concat"):
                 raise ValueError(
@@ -315,6 +357,26 @@ class Encoder:
         if layer_weights is not None and not any(item.combine == "weighted" for item in parsed):
             raise ValueError("layer_weights: given, but no strategy uses ':weighted'")
         self.runner.check(dict(zip(keys, parsed, strict=True)))
+
+    def _model_pipeline(self) -> Pipeline | None:
+        if self.pipeline is None and not self._said_no_pipeline:
+            warnings.warn(
+                "strategy 'model': this model has no sentence-transformers pipeline "
+                "(modules.json), so 'model' means mean@last",
+                stacklevel=3,
+            )
+            self._said_no_pipeline = True
+        return self.pipeline
+
+    def _model_strategy(self) -> str:
+        """The pooling the ``"model"`` strategy runs before its Dense layers and Normalize."""
+        return str(self.pipeline.strategy) if self.pipeline is not None else "mean@last"
+
+    def describe_model_strategy(self) -> str:
+        """What ``"model"`` resolves to, e.g. ``mean@last, normalized``."""
+        if self.pipeline is None:
+            return "mean@last (no sentence-transformers pipeline)"
+        return self.pipeline.describe()
 
     def _pool(
         self,
@@ -393,6 +455,28 @@ class Encoder:
                     unknown += sum(1 for token in ids if token == unknown_id)
                 truncated += len(ids) + special > self.max_length
         return TokenReport(len(texts), tokens, unknown, truncated, self.max_length)
+
+
+def _given_strategies(
+    strategy: StrategyLike | Sequence[StrategyLike],
+) -> tuple[bool, list[StrategyLike]]:
+    if isinstance(strategy, (str, Strategy)):
+        return False, [strategy]
+    return True, list(strategy)
+
+
+def _is_model(strategy: StrategyLike) -> bool:
+    return isinstance(strategy, str) and strategy.strip() == "model"
+
+
+def _pipeline_of(folder: str, project: bool) -> Pipeline | None:
+    """A folder's sentence-transformers pipeline (None without one, or for CLIP with its
+    projection, which replaces the pipeline's head)."""
+    from hiddenpool.sentence_transformers import read_pipeline
+
+    if project or not os.path.isdir(folder):
+        return None
+    return read_pipeline(folder)
 
 
 def _show_progress(progress: bool | None, batches: int) -> bool:

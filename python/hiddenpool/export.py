@@ -120,6 +120,8 @@ def _export(
             projection = "text_projection.npy"
             weight = runner.projection.weight.detach().float().cpu().numpy()
             np.save(os.path.join(staging, projection), weight)
+        if os.path.isfile(os.path.join(source, "modules.json")):
+            _copy_pipeline(source, staging)
         manifest = _manifest(runner, source, quantize, projection)
         document = {
             **manifest.as_json(),
@@ -322,6 +324,24 @@ def _manifest(runner: Any, source: str, quantize: str | None, projection: str | 
         model_type=str(getattr(config, "model_type", "")),
         source_pooling=source_pooling(source) if os.path.isdir(source) else None,
     )
+
+
+def _copy_pipeline(source: str, staging: str) -> None:
+    """A sentence-transformers folder's pipeline files (modules.json, its config, every
+    module folder but the Transformer's), so ``"model"`` runs the same on the export. The
+    pipeline is read first: a module hiddenpool cannot run stops the export here."""
+    from hiddenpool.sentence_transformers import read_pipeline
+
+    read_pipeline(source)
+    with open(os.path.join(source, "modules.json"), encoding="utf-8") as handle:
+        modules = json.load(handle)
+    for name in ("modules.json", "sentence_bert_config.json"):
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), staging)
+    for module in modules:
+        relative = str(module.get("path", ""))
+        if relative and os.path.isdir(os.path.join(source, relative)):
+            shutil.copytree(os.path.join(source, relative), os.path.join(staging, relative))
 
 
 # sentence-transformers' pooling modes, in the order it concatenates them, with each one's

