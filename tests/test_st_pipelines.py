@@ -168,3 +168,28 @@ def test_safetensors_reader_equals_the_safetensors_package(tmp_path):
     ours = read_safetensors(path)
     for name, tensor in tensors.items():
         np.testing.assert_array_equal(ours[name], tensor.float().numpy())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["cls+mean@last", "max+mean_sqrt_len@last", "last@last"])
+def test_pooling_config_round_trips_through_sentence_transformers(minilm_path, tmp_path, strategy):
+    from hiddenpool.sentence_transformers import pooling_config
+    from hiddenpool.strategy import Strategy
+
+    config = pooling_config(strategy, 384)
+    assert Strategy.from_sentence_transformers(config) == Strategy.parse(strategy)
+    folder = variant(minilm_path, tmp_path / "m", pooling=config)
+    encoder = assert_equals_sentence_transformers(folder)
+    assert encoder.pipeline is not None and encoder.pipeline.strategy == Strategy.parse(strategy)
+
+
+def test_pooling_config_says_why_a_strategy_has_none():
+    from hiddenpool.sentence_transformers import pooling_config
+
+    for strategy, reason in [
+        ("mean@last4:sum", "last layer only"),
+        ("eos@last", "no 'eos' mode"),
+        ("mean+cls@last", "in the order cls, max, mean"),
+    ]:
+        with pytest.raises(ValueError, match=reason):
+            pooling_config(strategy, 384)

@@ -226,3 +226,33 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
             array = (array.astype(np.uint32) << 16).view(np.float32)
         tensors[name] = array.copy()
     return tensors
+
+
+def pooling_config(strategy: str | Strategy, embedding_dimension: int) -> dict[str, Any]:
+    """The stock sentence-transformers Pooling config (legacy boolean keys, which every
+    sentence-transformers version, TEI and vLLM read) that pools as ``strategy`` does, or
+    a ValueError saying why none can: the stock module pools the last layer only, and
+    concatenates its modes in a fixed order (cls, max, mean, mean_sqrt_len, weighted_mean,
+    last).
+
+    >>> pooling_config("cls+mean@last", 384)["pooling_mode_cls_token"]
+    True
+    """
+    parsed = Strategy.parse(strategy) if isinstance(strategy, str) else strategy
+    if parsed.layers != ("last",) or parsed.combine is not None:
+        raise ValueError(f"strategy {parsed}: the stock Pooling module reads the last layer only")
+    flag_of = {pool: flag for _, flag, pool in MODES}
+    flag_of["first"] = flag_of["cls"]
+    unknown = [pool for pool in parsed.pools if pool not in flag_of]
+    if unknown:
+        raise ValueError(f"strategy {parsed}: the stock Pooling module has no {unknown[0]!r} mode")
+    order = [flag for _, flag, _ in MODES]
+    flags = [flag_of[pool] for pool in parsed.pools]
+    if flags != sorted(flags, key=order.index) or len(set(flags)) != len(flags):
+        raise ValueError(
+            f"strategy {parsed}: the stock Pooling module concatenates in the order cls, max, "
+            "mean, mean_sqrt_len, weighted_mean, last; write the pools in that order"
+        )
+    config: dict[str, Any] = {"word_embedding_dimension": int(embedding_dimension)}
+    config.update({flag: flag in flags for _, flag, _ in MODES})
+    return config

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 POOLS = ("mean", "sum", "max", "mean_sqrt_len", "weighted_mean", "first", "last", "eos")
 POOL_ALIASES = {"cls": "first"}
@@ -117,6 +117,18 @@ class Strategy:
         if match["start"] is not None:
             return int(match["start"]) != int(match["stop"])
         return False
+
+    @classmethod
+    def from_sentence_transformers(cls, config: Mapping[str, Any]) -> Strategy:
+        """The strategy of a sentence-transformers Pooling config (``1_Pooling/config.json``),
+        either format: one boolean per mode, or ``pooling_mode`` as a string or a list.
+
+        >>> str(Strategy.from_sentence_transformers({"pooling_mode": "lasttoken"}))
+        'last@last'
+        """
+        from hiddenpool.sentence_transformers import pooling_strategy
+
+        return pooling_strategy(config)
 
     def resolve_layers(self, state_count: int) -> list[int]:
         """Indices into ``state_count`` hidden states (index 0 = embeddings output when the
