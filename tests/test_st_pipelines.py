@@ -137,6 +137,10 @@ def test_folders_without_a_pipeline_say_model_means_mean_last_once():
         again = encoder.encode(["the cat", "a dog"], "model")
     np.testing.assert_array_equal(first, again)
     np.testing.assert_array_equal(first, encoder.encode(["the cat", "a dog"], "mean@last"))
+    with pytest.raises(ValueError, match="output: expected 'numpy' or 'torch'"):
+        encoder.encode(["the cat"], "model", output="banana")
+    with pytest.raises(ValueError, match="batch_size"):
+        encoder.encode(["the cat"], ["model", "cls@last"], batch_size=0)
 
 
 def test_unknown_modules_and_modes_are_refused_by_name(tmp_path):

@@ -225,6 +225,19 @@ class Encoder:
         the model (``check``) before the first forward pass.
         """
         texts = _checked_texts(texts)
+        for name, limit in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
+            if limit is not None and (
+                not isinstance(limit, int) or isinstance(limit, bool) or limit < 1
+            ):
+                raise ValueError(f"{name}: expected a positive integer or None, got {limit!r}")
+        if batch_size is None and max_batch_tokens is None:
+            raise ValueError(
+                "max_batch_tokens: None needs a batch_size (otherwise every text is one batch)"
+            )
+        if output not in ("numpy", "torch"):
+            raise ValueError(f"output: expected 'numpy' or 'torch', got {output!r}")
+        if missing_eos not in ("raise", "last"):
+            raise ValueError(f"missing_eos: expected 'raise' or 'last', got {missing_eos!r}")
         several, given = _given_strategies(strategy)
         if any(_is_model(item) for item in given):
             pipeline = self._model_pipeline()
@@ -253,19 +266,6 @@ class Encoder:
                 results[key] = rows
                 keys.append(key)
             return self._finish(results, keys, several, output, normalize)
-        for name, limit in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
-            if limit is not None and (
-                not isinstance(limit, int) or isinstance(limit, bool) or limit < 1
-            ):
-                raise ValueError(f"{name}: expected a positive integer or None, got {limit!r}")
-        if batch_size is None and max_batch_tokens is None:
-            raise ValueError(
-                "max_batch_tokens: None needs a batch_size (otherwise every text is one batch)"
-            )
-        if output not in ("numpy", "torch"):
-            raise ValueError(f"output: expected 'numpy' or 'torch', got {output!r}")
-        if missing_eos not in ("raise", "last"):
-            raise ValueError(f"missing_eos: expected 'raise' or 'last', got {missing_eos!r}")
         several, keys, parsed = strategy_list(strategy)
         self.check(strategy, layer_weights=layer_weights)
         states = needed_states(parsed, self.runner.state_count())
