@@ -57,7 +57,10 @@ def assert_same_rows(torch_encoder, onnx_encoder, texts, strategies, **options):
 
 def test_bert_every_strategy_equals_the_torch_runner(tmp_path):
     model, tokenizer = tiny_models.bert()
+    attention = model.config._attn_implementation
     torch_encoder, onnx_encoder = both_encoders(model, tokenizer, tmp_path / "bert")
+    # Export traces with eager attention and gives the caller's model its own back.
+    assert model.config._attn_implementation == attention
     assert_same_rows(torch_encoder, onnx_encoder, TEXTS, STRATEGIES, batch_size=3)
     manifest = json.loads((tmp_path / "bert" / MANIFEST).read_text())
     assert manifest["family"] == "encoder" and manifest["state_count"] == 5

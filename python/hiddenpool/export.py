@@ -103,7 +103,7 @@ def _export(
     model: Any, output: str, quantize: str | None, project: bool, max_length: int | None
 ) -> str:
     runner, source = _torch_runner(model, project, max_length)
-    with _staging(output) as staging:
+    with _eager_attention(runner.model), _staging(output) as staging:
         graph = os.path.join(staging, "model.onnx")
         inputs = _export_graph(runner, graph)
         _check_against_torch(runner, graph, inputs)
@@ -183,13 +183,27 @@ def _torch_runner(model: Any, project: bool, max_length: int | None) -> tuple[An
         raise ValueError(
             "model: export a float32 model on the CPU (load it with device='cpu', dtype=None)"
         )
-    # Eager attention traces to plain matmuls and softmax, which ONNX Runtime fuses itself;
-    # the SDPA path's shape-dependent branches would be frozen at the traced shape.
-    set_attention = getattr(runner.model, "set_attn_implementation", None)
-    if set_attention is not None:
+    return runner, source
+
+
+@contextlib.contextmanager
+def _eager_attention(model: Any) -> Iterator[None]:
+    """Eager attention while tracing: it traces to plain matmuls and softmax, which ONNX
+    Runtime fuses itself, where the SDPA path's shape-dependent branches would be frozen at
+    the traced shape. The caller's model gets its own implementation back afterwards."""
+    set_attention = getattr(model, "set_attn_implementation", None)
+    previous = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    changed = False
+    if set_attention is not None and previous not in (None, "eager"):
         with contextlib.suppress(ValueError, AttributeError, NotImplementedError):
             set_attention("eager")
-    return runner, source
+            changed = True
+    try:
+        yield
+    finally:
+        if changed and set_attention is not None:
+            with contextlib.suppress(ValueError, AttributeError, NotImplementedError):
+                set_attention(previous)
 
 
 def _output_names(state_count: int) -> list[str]:
