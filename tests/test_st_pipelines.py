@@ -197,3 +197,72 @@ def test_pooling_config_says_why_a_strategy_has_none():
     ]:
         with pytest.raises(ValueError, match=reason):
             pooling_config(strategy, 384)
+
+
+def hidden_pooling_model(minilm_path: str, last_module):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Transformer
+
+    return SentenceTransformer(
+        modules=[Transformer(minilm_path, max_seq_length=256), last_module], device="cpu"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("mode", "strategy"),
+    [
+        ("cls", "cls@last"),
+        ("max", "max@last"),
+        ("mean", "mean@last"),
+        ("mean_sqrt_len_tokens", "mean_sqrt_len@last"),
+        ("weightedmean", "weighted_mean@last"),
+        ("lasttoken", "last@last"),
+        (["cls", "max", "mean"], "cls+max+mean@last"),
+    ],
+)
+def test_hidden_pooling_equals_the_stock_module(minilm_path, mode, strategy):
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    from hiddenpool.sentence_transformers import HiddenPooling
+
+    stock = hidden_pooling_model(minilm_path, Pooling(384, mode)).encode(TEXTS)
+    module = HiddenPooling(strategy, embedding_dimension=384)
+    ours = hidden_pooling_model(minilm_path, module)
+    assert ours.get_sentence_embedding_dimension() == stock.shape[1]
+    np.testing.assert_allclose(ours.encode(TEXTS), stock, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_hidden_pooling_layers_turn_hidden_states_on_and_round_trip(minilm_path, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from hiddenpool.sentence_transformers import HiddenPooling
+
+    model = hidden_pooling_model(minilm_path, HiddenPooling("mean@last4:concat"))
+    assert model.get_sentence_embedding_dimension() == 4 * 384
+    vectors = model.encode(TEXTS)
+    expected = Encoder.from_pretrained(minilm_path, device="cpu").encode(TEXTS, "mean@last4:concat")
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    model.save(str(tmp_path / "saved"))
+    loaded = SentenceTransformer(str(tmp_path / "saved"), device="cpu", trust_remote_code=True)
+    np.testing.assert_allclose(loaded.encode(TEXTS), vectors, atol=1e-6)
+
+
+def test_hidden_pooling_keeps_gradients_on_the_torch_path():
+    from hiddenpool.sentence_transformers import HiddenPooling
+
+    module = HiddenPooling("mean+max@last", embedding_dimension=4)
+    hidden = torch.randn(2, 3, 4, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    features = module({"token_embeddings": hidden, "attention_mask": mask})
+    features["sentence_embedding"].sum().backward()
+    expected = torch.zeros(2, 3, 4)
+    for row, real in enumerate(mask.bool()):
+        count = int(real.sum())
+        expected[row, real] += 1.0 / count  # mean's gradient
+        chosen = torch.where(real)[0]
+        best = hidden[row, chosen].detach().argmax(dim=0)
+        for column in range(4):
+            expected[row, chosen[best[column]], column] += 1.0  # max's gradient
+    torch.testing.assert_close(hidden.grad, expected)

@@ -247,7 +247,8 @@ def _to_tensor(value: Any, device: Any) -> Any:
     import torch
 
     if _is_torch(value):
-        return value.detach().to(device)
+        # Not detached: the torch path keeps autograd (HiddenPooling trains through it).
+        return value.to(device)
     array = np.asarray(value)
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))

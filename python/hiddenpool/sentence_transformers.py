@@ -228,6 +228,16 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     return tensors
 
 
+def __getattr__(name: str) -> Any:
+    # HiddenPooling subclasses sentence-transformers' Module, so it is imported (with torch
+    # and sentence-transformers) only when asked for.
+    if name == "HiddenPooling":
+        from hiddenpool._st_module import HiddenPooling
+
+        return HiddenPooling
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def pooling_config(strategy: str | Strategy, embedding_dimension: int) -> dict[str, Any]:
     """The stock sentence-transformers Pooling config (legacy boolean keys, which every
     sentence-transformers version, TEI and vLLM read) that pools as ``strategy`` does, or
