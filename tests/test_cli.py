@@ -5,39 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import tiny_models
+from cli_runner import run_cli
 from hiddenpool import cli, evaluate
 from hiddenpool.encoder import Encoder
 
 SHARED_STSB = os.path.join(
     os.path.dirname(__file__), "..", "..", "shared", "data", "stsb", "sts-dev.csv"
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_folder(tmp_path_factory) -> str:
-    model, tokenizer = tiny_models.bert()
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-def run_cli(*arguments: str) -> subprocess.CompletedProcess[str]:
-    environment = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    return subprocess.run(
-        [sys.executable, "-m", "hiddenpool", *arguments],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=300,
-    )
 
 
 def write(path, text: str) -> str:

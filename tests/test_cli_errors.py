@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 import sys
 
 import numpy as np
@@ -16,20 +15,9 @@ import pytest
 import torch
 
 import tiny_models
+from cli_runner import run_cli
 from hiddenpool import cli
 from hiddenpool.encoder import Encoder
-
-
-def run_cli(*arguments: str, umask: int | None = None) -> subprocess.CompletedProcess[str]:
-    environment = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    return subprocess.run(
-        [sys.executable, "-m", "hiddenpool", *arguments],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=300,
-        preexec_fn=(lambda: os.umask(umask)) if umask is not None else None,
-    )
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
@@ -38,15 +26,6 @@ def assert_one_line_error(result, *fragments: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("hiddenpool: error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
-
-
-@pytest.fixture(scope="module")
-def bert_folder(tmp_path_factory) -> str:
-    model, tokenizer = tiny_models.bert()
-    folder = tmp_path_factory.mktemp("bert")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +127,11 @@ def test_non_utf8_data_names_the_file(tmp_path, unloadable_folder):
     assert_one_line_error(result, f"--data {data}: not UTF-8 text")
 
 
-def test_missing_extras_give_install_hints(bert_folder, tmp_path, texts_file, monkeypatch, capsys):
+def test_missing_extras_give_install_hints(
+    tiny_bert_folder, tmp_path, texts_file, monkeypatch, capsys
+):
     monkeypatch.setitem(sys.modules, "transformers", None)
-    code = cli.main(["encode", "--model", bert_folder, "--input", texts_file,
+    code = cli.main(["encode", "--model", tiny_bert_folder, "--input", texts_file,
                      "--output", str(tmp_path / "o.npy")])  # fmt: skip
     message = capsys.readouterr().err
     assert (
@@ -169,9 +150,11 @@ def test_layers_checked_against_the_config_before_loading(tmp_path, texts_file, 
     assert_one_line_error(result, "-20", "5")  # 4 layers: 5 hidden states
 
 
-def test_strategies_checked_against_the_model_before_encoding(bert_folder, tmp_path, texts_file):
+def test_strategies_checked_against_the_model_before_encoding(
+    tiny_bert_folder, tmp_path, texts_file
+):
     output = str(tmp_path / "o.npy")
-    common = ["encode", "--model", bert_folder, "--input", texts_file, "--output", output]
+    common = ["encode", "--model", tiny_bert_folder, "--input", texts_file, "--output", output]
     assert_one_line_error(run_cli(*common, "--strategy", "mean@-20"), "-20")
     assert_one_line_error(
         run_cli(*common, "--strategy", "eos@last"),
@@ -187,9 +170,9 @@ def test_strategies_checked_against_the_model_before_encoding(bert_folder, tmp_p
     assert not os.path.exists(output)
 
 
-def test_weighted_layers_from_the_command_line(bert_folder, tmp_path, texts_file):
+def test_weighted_layers_from_the_command_line(tiny_bert_folder, tmp_path, texts_file):
     output = tmp_path / "o.npy"
-    result = run_cli("encode", "--model", bert_folder, "--input", texts_file,
+    result = run_cli("encode", "--model", tiny_bert_folder, "--input", texts_file,
                      "--output", str(output), "--strategy", "mean@last4:weighted",
                      "--layer-weights", "0.5", "-1", "2", "0", "--layer-scale", "2")  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -222,41 +205,41 @@ def test_missing_eos_option(tmp_path):
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
-def test_outputs_get_the_mode_open_gives(bert_folder, tmp_path, texts_file, umask):
+def test_outputs_get_the_mode_open_gives(tiny_bert_folder, tmp_path, texts_file, umask):
     output = tmp_path / "o.npy"
-    result = run_cli("encode", "--model", bert_folder, "--input", texts_file,
+    result = run_cli("encode", "--model", tiny_bert_folder, "--input", texts_file,
                      "--output", str(output), umask=umask)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert stat.S_IMODE(output.stat().st_mode) == 0o666 & ~umask
     # Written over, a file keeps its mode, as open(path, "w") leaves it.
     output.chmod(0o640)
-    result = run_cli("encode", "--model", bert_folder, "--input", texts_file,
+    result = run_cli("encode", "--model", tiny_bert_folder, "--input", texts_file,
                      "--output", str(output), umask=umask)  # fmt: skip
     assert result.returncode == 0 and stat.S_IMODE(output.stat().st_mode) == 0o640
 
 
-def test_plot_format_follows_the_extension_and_upper_case_works(bert_folder, tmp_path):
+def test_plot_format_follows_the_extension_and_upper_case_works(tiny_bert_folder, tmp_path):
     pytest.importorskip("matplotlib")
     jpeg, pdf = tmp_path / "r.JPG", tmp_path / "r.pdf"
     for path in (jpeg, pdf):
-        result = run_cli("compare", "--model", bert_folder, "--strategies", "mean@last",
+        result = run_cli("compare", "--model", tiny_bert_folder, "--strategies", "mean@last",
                          "--plot", str(path))  # fmt: skip
         assert result.returncode == 0, result.stderr
     assert jpeg.read_bytes()[:2] == b"\xff\xd8" and pdf.read_bytes()[:4] == b"%PDF"
 
 
-def test_json_array_input_and_both_strategy_spellings(bert_folder, tmp_path):
+def test_json_array_input_and_both_strategy_spellings(tiny_bert_folder, tmp_path):
     texts = ["the cat sat", "a dog"]
     source = tmp_path / "in.json"
     source.write_text(json.dumps([{"body": text} for text in texts]), encoding="utf-8")
     output = tmp_path / "O.NPY"
-    result = run_cli("encode", "--model", bert_folder, "--input", str(source), "--field",
+    result = run_cli("encode", "--model", tiny_bert_folder, "--input", str(source), "--field",
                      "body", "--output", str(output), "--strategies", "cls@last")  # fmt: skip
     assert result.returncode == 0, result.stderr
     model, tokenizer = tiny_models.bert()
     expected = Encoder(model, tokenizer).encode(texts, "cls@last")
     np.testing.assert_allclose(np.load(output), expected, atol=1e-6)
-    result = run_cli("compare", "--model", bert_folder, "--strategy", "cls@last")
+    result = run_cli("compare", "--model", tiny_bert_folder, "--strategy", "cls@last")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("model: ") and lines[1].startswith("data: ")

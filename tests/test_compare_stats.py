@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 import tiny_models
+from cli_runner import run_cli
 from hiddenpool import bootstrap, evaluate, retrieval
 from hiddenpool.encoder import Encoder
 
@@ -170,31 +169,14 @@ def test_retrieval_metrics_by_hand_and_against_loops():
         assert ours[name] == pytest.approx(expected[name], abs=1e-12), name
 
 
-def run_cli(*arguments: str) -> subprocess.CompletedProcess[str]:
-    environment = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    return subprocess.run(
-        [sys.executable, "-m", "hiddenpool", *arguments],
-        capture_output=True, text=True, env=environment, timeout=300,
-    )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def bert_folder(tmp_path_factory) -> str:
-    model, tokenizer = tiny_models.bert()
-    folder = tmp_path_factory.mktemp("bert")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-def test_cli_multi_file_json_constant_scores_and_retrieval(bert_folder, tmp_path):
+def test_cli_multi_file_json_constant_scores_and_retrieval(tiny_bert_folder, tmp_path):
     shipped = evaluate.default_data_path()
     constant = tmp_path / "constant.tsv"
     constant.write_text(
         "sentence1\tsentence2\tscore\n" + "".join(f"the cat {i}\ta dog\t3\n" for i in range(5))
     )
     output = tmp_path / "multi.json"
-    result = run_cli("compare", "--model", bert_folder, "--data", shipped, str(constant),
+    result = run_cli("compare", "--model", tiny_bert_folder, "--data", shipped, str(constant),
                      "--strategies", "mean@last", "cls@last", "--json", str(output))  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "only 5 pairs" in result.stderr and "every gold score is the same" in result.stderr
@@ -220,7 +202,7 @@ def test_cli_multi_file_json_constant_scores_and_retrieval(bert_folder, tmp_path
     queries.write_text(
         "".join(json.dumps({"query": q, "positive": p, "negative": n}) + "\n" for q, p, n in rows)
     )
-    result = run_cli("compare", "--task", "retrieval", "--model", bert_folder, "--data",
+    result = run_cli("compare", "--task", "retrieval", "--model", tiny_bert_folder, "--data",
                      str(queries), "--strategies", "mean@last",
                      "--json", str(tmp_path / "r.json"))  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -229,12 +211,12 @@ def test_cli_multi_file_json_constant_scores_and_retrieval(bert_folder, tmp_path
     assert {"mrr@10", "recall@1", "recall@10", "ndcg@10"} <= set(document["results"][0])
 
 
-def test_cli_sweep_grid_and_plot(bert_folder, tmp_path):
+def test_cli_sweep_grid_and_plot(tiny_bert_folder, tmp_path):
     pytest.importorskip("matplotlib")
     plot = tmp_path / "sweep.png"
-    result = run_cli("compare", "--model", bert_folder, "--sweep", "--plot", str(plot))
+    result = run_cli("compare", "--model", tiny_bert_folder, "--sweep", "--plot", str(plot))
     assert result.returncode == 0, result.stderr
     assert "by hidden state (0 = embedding output" in result.stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    clash = run_cli("compare", "--model", bert_folder, "--sweep", "--strategies", "mean@last")
+    clash = run_cli("compare", "--model", tiny_bert_folder, "--sweep", "--strategies", "mean@last")
     assert clash.returncode == 2 and "--sweep" in clash.stderr

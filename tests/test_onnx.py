@@ -366,7 +366,7 @@ def test_source_pooling_reads_both_sentence_transformers_formats(tmp_path):
     old = {"word_embedding_dimension": 8, "pooling_mode_cls_token": True}
     old["pooling_mode_max_tokens"] = True
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(old))
-    assert source_pooling(str(tmp_path)) == {"strategy": "cls+max@last", "normalize": False}
+    assert source_pooling(str(tmp_path)) == {"strategy": "first+max@last", "normalize": False}
     new = {"embedding_dimension": 8, "pooling_mode": ["mean", "lasttoken"], "include_prompt": True}
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(new))
     modules.append(

@@ -20,7 +20,7 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -295,13 +295,7 @@ def _compare(arguments: argparse.Namespace) -> int:
                 "average": average,
             }
         )
-        with (
-            _atomic_output(arguments.json) as temporary,
-            open(temporary, "w", encoding="utf-8") as handle,
-        ):
-            json.dump(document, handle, indent=2, allow_nan=False)
-            handle.write("\n")
-        print(f"\nwrote {arguments.json}")
+        _write_json(arguments.json, document)
     if arguments.plot:
         if arguments.sweep:
             _plot_sweep(comparisons, arguments.plot)
@@ -319,16 +313,7 @@ def _compare_retrieval(arguments: argparse.Namespace) -> int:
     if arguments.sweep or arguments.plot:
         raise UsageError("--sweep and --plot: not available with --task retrieval")
     path = arguments.data[0]
-    try:
-        data = retrieval.read_queries(path)
-    except FileNotFoundError:
-        raise UsageError(f"--data {path}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"--data {path}: is a folder; give a file") from None
-    except UnicodeDecodeError as error:
-        raise UsageError(f"--data {path}: not UTF-8 text ({error.reason})") from None
-    except evaluate.DataError as error:
-        raise UsageError(str(error)) from None
+    data = _read_data(path, retrieval.read_queries)
     model = _preflight(arguments, arguments.strategies or ())
     encoder, model_name = _load_encoder(arguments, model)
     strategies = list(arguments.strategies or ["model", *evaluate.DEFAULT_STRATEGIES])
@@ -377,13 +362,7 @@ def _compare_retrieval(arguments: argparse.Namespace) -> int:
         )
     )
     if arguments.json:
-        with (
-            _atomic_output(arguments.json) as temporary,
-            open(temporary, "w", encoding="utf-8") as handle,
-        ):
-            json.dump(comparison.as_json(), handle, indent=2, allow_nan=False)
-            handle.write("\n")
-        print(f"\nwrote {arguments.json}")
+        _write_json(arguments.json, comparison.as_json())
     return 0
 
 
@@ -470,19 +449,34 @@ def _average_table(average: list[dict[str, Any]], paths: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _read_pairs(data: str, skip_bad: bool) -> Any:
+def _read_data(path: str, reader: Callable[[str], Any]) -> Any:
+    """``reader(path)`` for a --data file, its failures as one-line usage errors."""
     from hiddenpool import evaluate
 
     try:
-        return evaluate.read_pairs(data, skip_bad=skip_bad)
+        return reader(path)
     except FileNotFoundError:
-        raise UsageError(f"--data {data}: no such file") from None
+        raise UsageError(f"--data {path}: no such file") from None
     except IsADirectoryError:
-        raise UsageError(f"--data {data}: is a folder; give a file") from None
+        raise UsageError(f"--data {path}: is a folder; give a file") from None
     except UnicodeDecodeError as error:
-        raise UsageError(f"--data {data}: not UTF-8 text ({error.reason})") from None
+        raise UsageError(f"--data {path}: not UTF-8 text ({error.reason})") from None
     except evaluate.DataError as error:
         raise UsageError(str(error)) from None
+
+
+def _read_pairs(data: str, skip_bad: bool) -> Any:
+    from hiddenpool import evaluate
+
+    return _read_data(data, lambda path: evaluate.read_pairs(path, skip_bad=skip_bad))
+
+
+def _write_json(path: str, document: Any) -> None:
+    """``document`` as strict JSON (no NaN), written atomically."""
+    with _atomic_output(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(document, handle, indent=2, allow_nan=False)
+        handle.write("\n")
+    print(f"\nwrote {path}")
 
 
 def _check_output(flag: str, path: str, extensions: Sequence[str]) -> None:
@@ -686,16 +680,12 @@ def read_texts(path: str, *, field: str | None = None, column: str | None = None
         if lower.endswith(".json"):
             return _read_json_array(path, field or "text")
         if lower.endswith((".jsonl", ".ndjson")):
+            from hiddenpool import evaluate
+
             name = field or "text"
             texts = []
-            with open(path, encoding="utf-8") as handle:
-                for number, line in enumerate(handle, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as error:
-                        raise UsageError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            try:
+                for number, record in evaluate.read_json_lines(path):
                     if not isinstance(record, dict) or name not in record:
                         raise UsageError(
                             f"{path}:{number}: no {name!r} field (choose one with --field)"
@@ -703,6 +693,8 @@ def read_texts(path: str, *, field: str | None = None, column: str | None = None
                     if not isinstance(record[name], str):
                         raise UsageError(f"{path}:{number}: field {name!r} is not a string")
                     texts.append(record[name])
+            except evaluate.DataError as error:
+                raise UsageError(str(error)) from None
             return texts
         if lower.endswith((".csv", ".tsv")):
             name = column or "text"

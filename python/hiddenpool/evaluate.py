@@ -5,10 +5,11 @@ and rank strategies by Spearman correlation with the gold scores."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
@@ -44,6 +45,19 @@ class Pairs:
 
 class DataError(ValueError):
     """A data file that cannot be read as scored sentence pairs; names file and line."""
+
+
+def read_json_lines(path: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of each non-blank line of a JSON-lines file; a line that is
+    not JSON raises DataError naming file and line."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
 
 
 def default_data_path() -> str:

@@ -28,6 +28,7 @@ import numpy as np
 
 from hiddenpool.onnx_runner import FORMAT, MANIFEST, Manifest, state_output
 from hiddenpool.runner import decoder_positions
+from hiddenpool.sentence_transformers import Pipeline
 from hiddenpool.tokens import TokenBatch, pad_batch
 
 # Texts for checking an export: varied lengths, so the check batch has padding.
@@ -120,9 +121,8 @@ def _export(
             projection = "text_projection.npy"
             weight = runner.projection.weight.detach().float().cpu().numpy()
             np.save(os.path.join(staging, projection), weight)
-        if os.path.isfile(os.path.join(source, "modules.json")):
-            _copy_pipeline(source, staging)
-        manifest = _manifest(runner, source, quantize, projection)
+        pipeline = _copy_pipeline(source, staging) if os.path.isdir(source) else None
+        manifest = _manifest(runner, quantize, projection, pipeline)
         document = {
             **manifest.as_json(),
             "source": source,
@@ -316,7 +316,9 @@ def _quantize(path: str) -> None:
     os.remove(source)
 
 
-def _manifest(runner: Any, source: str, quantize: str | None, projection: str | None) -> Manifest:
+def _manifest(
+    runner: Any, quantize: str | None, projection: str | None, pipeline: Pipeline | None
+) -> Manifest:
     tokenizer = runner.tokenizer
     side = getattr(runner.transformers_tokenizer, "truncation_side", "right")
     config = getattr(runner.module, "config", runner.model.config)
@@ -336,17 +338,20 @@ def _manifest(runner: Any, source: str, quantize: str | None, projection: str | 
         weights="int8" if quantize == "int8" else "float32",
         hidden_size=getattr(config, "hidden_size", None) or getattr(config, "d_model", None),
         model_type=str(getattr(config, "model_type", "")),
-        source_pooling=source_pooling(source) if os.path.isdir(source) else None,
+        source_pooling=_pooling_summary(pipeline),
     )
 
 
-def _copy_pipeline(source: str, staging: str) -> None:
+def _copy_pipeline(source: str, staging: str) -> Pipeline | None:
     """A sentence-transformers folder's pipeline files (modules.json, its config, every
-    module folder but the Transformer's), so ``"model"`` runs the same on the export. The
-    pipeline is read first: a module hiddenpool cannot run stops the export here."""
+    module folder but the Transformer's), so ``"model"`` runs the same on the export; the
+    pipeline they describe (None without modules.json). It is read first: a module
+    hiddenpool cannot run stops the export here."""
     from hiddenpool.sentence_transformers import read_pipeline
 
-    read_pipeline(source)
+    pipeline = read_pipeline(source)
+    if pipeline is None:
+        return None
     with open(os.path.join(source, "modules.json"), encoding="utf-8") as handle:
         modules = json.load(handle)
     for name in ("modules.json", "sentence_bert_config.json"):
@@ -356,46 +361,21 @@ def _copy_pipeline(source: str, staging: str) -> None:
         relative = str(module.get("path", ""))
         if relative and os.path.isdir(os.path.join(source, relative)):
             shutil.copytree(os.path.join(source, relative), os.path.join(staging, relative))
-
-
-# sentence-transformers' pooling modes, in the order it concatenates them, with each one's
-# hiddenpool pool. Old configs set one boolean per mode; >= 5.4 writes "pooling_mode".
-_MODES = [
-    ("cls", "pooling_mode_cls_token", "cls"),
-    ("max", "pooling_mode_max_tokens", "max"),
-    ("mean", "pooling_mode_mean_tokens", "mean"),
-    ("mean_sqrt_len_tokens", "pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len"),
-    ("weightedmean", "pooling_mode_weightedmean_tokens", "weighted_mean"),
-    ("lasttoken", "pooling_mode_lasttoken", "last"),
-]
+    return pipeline
 
 
 def source_pooling(folder: str) -> dict[str, Any] | None:
-    """A sentence-transformers folder's own pooling as ``{"strategy", "normalize"}``, read
-    from either config format; None when the folder has no pooling module."""
-    modules_path = os.path.join(folder, "modules.json")
-    if not os.path.isfile(modules_path):
+    """A sentence-transformers folder's own pooling as ``{"strategy", "normalize"}`` (read
+    by ``hiddenpool.sentence_transformers.read_pipeline``); None without ``modules.json``."""
+    from hiddenpool.sentence_transformers import read_pipeline
+
+    return _pooling_summary(read_pipeline(folder))
+
+
+def _pooling_summary(pipeline: Pipeline | None) -> dict[str, Any] | None:
+    if pipeline is None:
         return None
-    with open(modules_path, encoding="utf-8") as handle:
-        modules = json.load(handle)
-    pooling = next((m for m in modules if str(m.get("type", "")).endswith("Pooling")), None)
-    if pooling is None:
-        return None
-    config_path = os.path.join(folder, pooling.get("path", ""), "config.json")
-    if not os.path.isfile(config_path):
-        return None
-    with open(config_path, encoding="utf-8") as handle:
-        config = json.load(handle)
-    mode = config.get("pooling_mode")
-    if mode is not None:
-        chosen = {mode} if isinstance(mode, str) else set(mode)
-        pools = [pool for name, _, pool in _MODES if name in chosen or pool in chosen]
-    else:
-        pools = [pool for _, flag, pool in _MODES if config.get(flag)]
-    if not pools:
-        return None
-    normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
-    return {"strategy": "+".join(pools) + "@last", "normalize": normalize}
+    return {"strategy": str(pipeline.strategy), "normalize": pipeline.normalize}
 
 
 __all__ = ["FORMAT", "export_onnx", "source_pooling"]

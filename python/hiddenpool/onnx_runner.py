@@ -142,10 +142,11 @@ def _foreign_manifest(folder: str, graph: str) -> Manifest:
         return _token_id(tokenizer, tokenizer_config.get(name) or special.get(name))
 
     pad = token("pad_token")
+    eos_token = token("eos_token")
     eos = (
         text_config.get("eos_token_id")
         if family == "clip"
-        else (token("eos_token") if token("eos_token") is not None else config.get("eos_token_id"))
+        else (eos_token if eos_token is not None else config.get("eos_token_id"))
     )
     if pad is None:
         pad = eos if family == "decoder" and isinstance(eos, int) else 0

@@ -7,7 +7,6 @@ recall@10 and nDCG@10, with bootstrap intervals over queries."""
 from __future__ import annotations
 
 import csv
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from hiddenpool import bootstrap
-from hiddenpool.evaluate import TIE_LEVEL, DataError, _finite
+from hiddenpool.evaluate import TIE_LEVEL, DataError, _finite, read_json_lines
 
 METRICS = ("mrr@10", "recall@1", "recall@10", "ndcg@10")
 
@@ -39,17 +38,10 @@ def read_queries(path: str | os.PathLike[str]) -> Queries:
     path = os.fspath(path)
     rows: list[dict[str, Any]] = []
     if path.lower().endswith((".jsonl", ".ndjson")):
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}:{number}: expected a JSON object")
-                rows.append({"line": number, **record})
+        for number, record in read_json_lines(path):
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object")
+            rows.append({"line": number, **record})
     else:
         delimiter = "\t" if path.lower().endswith(".tsv") else ","
         with open(path, encoding="utf-8", newline="") as handle:
