@@ -12,6 +12,7 @@ __all__ = [
     "get_num_threads",
     "pool",
     "pool_packed",
+    "pool_spans",
     "set_num_threads",
 ]
 
@@ -42,6 +43,19 @@ def pool_packed(
     bfloat16: bool = False,
 ) -> npt.NDArray[np.floating]:
     """Pools packed ``[N, H]`` layers whose rows are delimited by ``offsets`` ``[B + 1]``."""
+
+def pool_spans(
+    hidden_states: Sequence[npt.NDArray[np.generic]],
+    spans: npt.NDArray[np.integer],
+    pools: Sequence[str],
+    combine: str = "sum",
+    layer_weights: Sequence[float] | None = None,
+    attention_mask: npt.NDArray[np.generic] | None = None,
+    offsets: npt.NDArray[np.integer] | None = None,
+    bfloat16: bool = False,
+) -> npt.NDArray[np.floating]:
+    """Pools ``(row, start, end)`` spans ``[S, 3]`` of padded layers under ``attention_mask``
+    or of packed layers under ``offsets``; returns ``[S, D]``."""
 
 def find_token(
     input_ids: npt.NDArray[np.integer],

@@ -372,26 +372,10 @@ def pool(
     if missing_eos not in ("raise", "last"):
         raise ValueError(f"missing_eos: expected 'raise' or 'last', got {missing_eos!r}")
     several, keys, strategies = strategy_list(strategy)
-
     states = _states_from(hidden_states)
-    state_count = len(states)
-    if layer_weights is not None and not any(s.combine == "weighted" for s in strategies):
-        raise ValueError("layer_weights: given, but no strategy uses ':weighted'")
-    plans: list[tuple[Strategy, tuple[int, ...], str, tuple[float, ...] | None]] = []
-    for parsed in strategies:
-        resolved = parsed.resolve_layers(state_count)
-        combine = _effective_combine(parsed, len(resolved))
-        weights = _mixing_weights(parsed, combine, len(resolved), layer_weights, layer_scale)
-        plans.append((parsed, tuple(resolved), combine, weights))
-
-    used = sorted({index for _, indices, _, _ in plans for index in indices})
-    for position in used:
-        if states[position] is None:
-            # Runners leave the states no strategy reads as None.
-            raise ValueError(f"hidden_states[{position}]: is None but strategies read it")
-    chosen = _choose_backend(states[used[0]], backend)
-    converted, is_bfloat16 = chosen.states([states[index] for index in used])
-    by_index = dict(zip(used, converted, strict=True))
+    plan = _Plan(strategies, len(states), layer_weights, layer_scale)
+    chosen = _choose_backend(states[plan.used[0]], backend)
+    converted, is_bfloat16 = chosen.states(plan.states_used(states))
     mask = chosen.mask(attention_mask, converted[0])
     _check_shapes(converted, mask)
 
@@ -408,54 +392,97 @@ def pool(
     if any("eos" in parsed.pools for parsed in strategies):
         index = _eos_positions(chosen, input_ids, eos_token_id, mask, missing_eos)
 
-    # Strategies on the same layers and combine share one pass over the data.
-    groups: dict[tuple[Any, ...], list[str]] = {}
-    for parsed, indices, combine, weights in plans:
-        pools = groups.setdefault((indices, combine, weights), [])
-        pools.extend(p for p in _kernel_pools(parsed.pools) if p not in pools)
-    results: dict[tuple[Any, ...], Any] = {}
-    for (indices, combine, weights), pools in groups.items():
-        layers = [by_index[i] for i in indices]
+    def compute(layers: list[Any], pools: list[str], combine: str, weights: Any) -> Any:
         uses_index = "index" in pools
         if chosen.use_torch:
             from hiddenpool import torch_backend
 
-            results[(indices, combine, weights)] = torch_backend.pool(
+            return torch_backend.pool(
                 layers, mask, pools, combine, weights, index if uses_index else None
             )
-        else:
-            results[(indices, combine, weights)] = _native.pool(
-                layers,
-                mask,
-                pools,
-                combine,
-                list(weights) if weights else None,
-                index if uses_index else None,
-                is_bfloat16,
-            )
+        return _native.pool(
+            layers,
+            mask,
+            pools,
+            combine,
+            list(weights) if weights else None,
+            index if uses_index else None,
+            is_bfloat16,
+        )
 
-    outputs: dict[str, Any] = {}
-    for key, (parsed, indices, combine, weights) in zip(keys, plans, strict=True):
-        group_key = (indices, combine, weights)
-        computed = results[group_key]
-        group_pools = groups[group_key]
-        wanted = _kernel_pools(parsed.pools)
-        if wanted == group_pools:
-            selected = computed
-        else:
-            block = computed.shape[1] // len(group_pools)
-            parts = [
-                computed[:, group_pools.index(p) * block : (group_pools.index(p) + 1) * block]
-                for p in wanted
-            ]
-            if chosen.use_torch:
-                import torch
-
-                selected = torch.cat(parts, dim=1)
-            else:
-                selected = np.concatenate(parts, axis=1)
-        outputs[key] = chosen.output(selected)
+    outputs = plan.run(keys, converted, compute, chosen)
     return outputs if several else outputs[keys[0]]
+
+
+class _Plan:
+    """What a call computes: each strategy's layer indices, combine and weights, and the
+    groups of strategies that share one pass (same layers and combine, their pools merged)."""
+
+    def __init__(
+        self,
+        strategies: Sequence[Strategy],
+        state_count: int,
+        layer_weights: Sequence[float] | None,
+        layer_scale: float,
+    ) -> None:
+        if layer_weights is not None and not any(s.combine == "weighted" for s in strategies):
+            raise ValueError("layer_weights: given, but no strategy uses ':weighted'")
+        self.items: list[tuple[tuple[int, ...], str, tuple[float, ...] | None, list[str]]] = []
+        for parsed in strategies:
+            resolved = parsed.resolve_layers(state_count)
+            combine = _effective_combine(parsed, len(resolved))
+            weights = _mixing_weights(parsed, combine, len(resolved), layer_weights, layer_scale)
+            self.items.append((tuple(resolved), combine, weights, _kernel_pools(parsed.pools)))
+        self.used = sorted({index for indices, _, _, _ in self.items for index in indices})
+        # Strategies on the same layers and combine share one pass over the data.
+        self.groups: dict[tuple[Any, ...], list[str]] = {}
+        for indices, combine, weights, pools in self.items:
+            merged = self.groups.setdefault((indices, combine, weights), [])
+            merged.extend(p for p in pools if p not in merged)
+
+    def states_used(self, states: Sequence[Any]) -> list[Any]:
+        """The states the strategies read, in ``used`` order."""
+        for position in self.used:
+            if states[position] is None:
+                # Runners leave the states no strategy reads as None.
+                raise ValueError(f"hidden_states[{position}]: is None but strategies read it")
+        return [states[index] for index in self.used]
+
+    def run(
+        self,
+        keys: Sequence[str],
+        converted: Sequence[Any],
+        compute: Any,
+        chosen: _Backend,
+    ) -> dict[str, Any]:
+        """Each key's result: ``compute(layers, pools, combine, weights)`` once per group,
+        then each strategy's pools cut out of its group's result, in its own order."""
+        by_index = dict(zip(self.used, converted, strict=True))
+        results = {
+            group: compute([by_index[i] for i in group[0]], pools, group[1], group[2])
+            for group, pools in self.groups.items()
+        }
+        outputs: dict[str, Any] = {}
+        for key, (indices, combine, weights, wanted) in zip(keys, self.items, strict=True):
+            group = (indices, combine, weights)
+            computed = results[group]
+            group_pools = self.groups[group]
+            if wanted == group_pools:
+                selected = computed
+            else:
+                block = computed.shape[1] // len(group_pools)
+                parts = [
+                    computed[:, group_pools.index(p) * block : (group_pools.index(p) + 1) * block]
+                    for p in wanted
+                ]
+                if chosen.use_torch:
+                    import torch
+
+                    selected = torch.cat(parts, dim=1)
+                else:
+                    selected = np.concatenate(parts, axis=1)
+            outputs[key] = chosen.output(selected)
+        return outputs
 
 
 def _eos_positions(
@@ -552,6 +579,148 @@ def pool_packed(
 
         return torch.from_numpy(result)
     return result
+
+
+def pool_spans(
+    hidden_states: Any,
+    spans: Any,
+    strategy: StrategyLike | Sequence[StrategyLike] = "mean@last",
+    *,
+    attention_mask: Any = None,
+    offsets: Any = None,
+    layer_weights: Sequence[float] | None = None,
+    layer_scale: float = 1.0,
+    empty: Literal["zero", "raise"] = "zero",
+    backend: Backend | None = None,
+) -> Any:
+    """Pools spans of tokens into one vector each, as ``strategy`` says.
+
+    ``spans``: ``[S, 3]`` integers, each ``(row, start, end)``: token positions
+    ``start..end`` (end exclusive) of row ``row``. Positions count every position of the
+    padded row, padding included; only the real tokens inside a span are pooled, so the
+    same span means the same tokens under left and right padding only when the caller
+    shifts it (``Encoder.encode_tokens`` and ``encode_words`` do). Spans may overlap and
+    share rows. ``hidden_states`` and ``attention_mask`` are as for ``pool`` (``[B, T, H]``
+    and ``[B, T]``; no mask: every token is real); with ``offsets`` ``[B + 1]`` instead,
+    ``hidden_states`` are packed ``[N, H]`` (``pool_packed``) and positions count from each
+    row's first token. Every pool but ``eos`` works (``first``/``last`` are the first and
+    last real token inside the span); a span with no real token pools to zeros, or raises
+    with ``empty="raise"``. Returns ``[S, D]`` (a dict for a list of strategies), float32
+    (float64 for float64 input); torch in gives torch out on the same device.
+
+    >>> import numpy as np
+    >>> hidden = np.arange(12, dtype=np.float32).reshape(1, 6, 2)
+    >>> pool_spans(hidden, np.array([[0, 0, 2], [0, 2, 6]]), "mean@last")
+    array([[1., 2.],
+           [7., 8.]], dtype=float32)
+    """
+    if empty not in ("zero", "raise"):
+        raise ValueError(f"empty: expected 'zero' or 'raise', got {empty!r}")
+    several, keys, strategies = strategy_list(strategy)
+    for key, parsed in zip(keys, strategies, strict=True):
+        if "eos" in parsed.pools:
+            raise ValueError(
+                f"strategy {key}: the eos pool finds one token per row; within spans use "
+                "first or last"
+            )
+    if attention_mask is not None and offsets is not None:
+        raise ValueError(
+            "offsets: give attention_mask (padded [B, T, H] input) or offsets (packed [N, H] "
+            "input), not both"
+        )
+    states = _states_from(hidden_states)
+    plan = _Plan(strategies, len(states), layer_weights, layer_scale)
+    packed = offsets is not None
+    chosen = _choose_backend(states[plan.used[0]], "rust" if packed else backend)
+    converted, is_bfloat16 = chosen.states(plan.states_used(states))
+    host_spans = _checked_spans(spans)
+    if packed:
+        _check_shapes(converted, None, packed=True)
+        offset_array = _as_numpy(offsets, "offsets")[0]
+        row_lengths = np.diff(offset_array.astype(np.int64)) if offset_array.size else None
+        if row_lengths is None or offset_array.ndim != 1:
+            raise ValueError(
+                f"offsets: expected [B + 1] integers starting at 0, got {_describe(offsets)}"
+            )
+        counts = _span_bounds(host_spans, row_lengths, None)
+        mask = None
+    else:
+        mask = chosen.mask(attention_mask, converted[0])
+        _check_shapes(converted, mask)
+        host_mask = np.asarray(mask.cpu() if chosen.use_torch else mask) != 0
+        counts = _span_bounds(
+            host_spans, np.full(host_mask.shape[0], host_mask.shape[1]), host_mask
+        )
+    if empty == "raise":
+        empty_spans = [int(span) for span in np.flatnonzero(counts == 0)]
+        if empty_spans:
+            raise ValueError(
+                f"spans: {len(empty_spans)} span(s) hold no real token: "
+                f"{_rows_text(empty_spans)} (pass empty='zero' to pool them to zeros)"
+            )
+
+    def compute(layers: list[Any], pools: list[str], combine: str, weights: Any) -> Any:
+        if chosen.use_torch:
+            from hiddenpool import torch_backend
+
+            return torch_backend.pool_spans(
+                layers, mask, _to_tensor(host_spans, chosen.device), pools, combine, weights
+            )
+        return _native.pool_spans(
+            layers,
+            host_spans,
+            pools,
+            combine,
+            list(weights) if weights else None,
+            attention_mask=mask,
+            offsets=offset_array if packed else None,
+            bfloat16=is_bfloat16,
+        )
+
+    outputs = plan.run(keys, converted, compute, chosen)
+    return outputs if several else outputs[keys[0]]
+
+
+def _checked_spans(spans: Any) -> np.ndarray:
+    """``spans`` as a host ``[S, 3]`` int64 array, or a TypeError/ValueError naming it."""
+    if _is_torch(spans):
+        spans = spans.detach().cpu()
+    array = np.asarray(spans)
+    if array.size == 0 and array.dtype.kind == "f":
+        array = array.astype(np.int64)  # np.asarray([]) is float64
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"spans: expected integer (row, start, end) triples, got {array.dtype}")
+    if array.size == 0:
+        array = array.reshape(0, 3)
+    if array.ndim != 2 or array.shape[1] != 3:
+        raise ValueError(f"spans: expected shape [S, 3] (row, start, end), got {list(array.shape)}")
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
+def _span_bounds(spans: np.ndarray, row_lengths: np.ndarray, real: np.ndarray | None) -> Any:
+    """Checks every span against its row's positions and returns how many real tokens each
+    holds (``real`` ``[B, T]`` bools; None: every position is real)."""
+    rows = row_lengths.shape[0]
+    row, start, end = spans[:, 0], spans[:, 1], spans[:, 2]
+    bad_row = np.flatnonzero((row < 0) | (row >= rows))
+    if bad_row.size:
+        at = int(bad_row[0])
+        raise ValueError(
+            f"spans[{at}] = ({row[at]}, {start[at]}, {end[at]}): row {row[at]} is outside 0..{rows}"
+        )
+    limit = row_lengths[row]
+    bad = np.flatnonzero((start < 0) | (end < start) | (end > limit))
+    if bad.size:
+        at = int(bad[0])
+        raise ValueError(
+            f"spans[{at}] = ({row[at]}, {start[at]}, {end[at]}): needs 0 <= start <= end <= "
+            f"{limit[at]} (the row's token positions)"
+        )
+    if real is None:
+        return end - start
+    before = np.zeros((real.shape[0], real.shape[1] + 1), dtype=np.int64)
+    np.cumsum(real, axis=1, out=before[:, 1:])
+    return before[row, end] - before[row, start]
 
 
 def _single(pool_name: str) -> Any:

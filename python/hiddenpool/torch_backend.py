@@ -51,6 +51,44 @@ def pool(
     return torch.cat([segment.pool(name) for name in pools for segment in pooled], dim=1)
 
 
+# Elements of hidden states a chunk of spans copies at most (256 MiB of float32): spans
+# are pooled by copying their rows, so the copy is bounded rather than S x T x H at once.
+SPAN_CHUNK_ELEMENTS = 1 << 26
+
+
+def pool_spans(
+    layers: Sequence[torch.Tensor],
+    mask: torch.Tensor,
+    spans: torch.Tensor,
+    pools: Sequence[str],
+    combine: str,
+    layer_weights: Sequence[float] | None,
+) -> torch.Tensor:
+    """The torch twin of ``_native.pool_spans`` on padded input: ``spans`` ``[S, 3]`` int64
+    ``(row, start, end)``, already checked. Each span pools its row's copy under the row's
+    mask narrowed to ``start..end``; spans go in chunks so the copies stay bounded."""
+    _, tokens, hidden = layers[0].shape
+    device = layers[0].device
+    spans = spans.to(device=device, dtype=torch.int64)
+    positions = torch.arange(tokens, device=device)
+    per_span = max(1, tokens * hidden * len(layers))
+    step = max(1, SPAN_CHUNK_ELEMENTS // per_span)
+    parts = []
+    real = (mask != 0).to(device)
+    for first in range(0, spans.shape[0], step):
+        chunk = spans[first : first + step]
+        rows, start, end = chunk[:, 0], chunk[:, 1:2], chunk[:, 2:3]
+        inside = real.index_select(0, rows) & (positions >= start) & (positions < end)
+        copies = [layer.index_select(0, rows) for layer in layers]
+        parts.append(pool(copies, inside, pools, combine, layer_weights, None))
+    if not parts:
+        width = len(pools) * (len(layers) if combine == "concat" else 1) * hidden
+        return torch.zeros(
+            (0, width), dtype=accumulator_dtype(layers[0].dtype), device=layers[0].device
+        )
+    return torch.cat(parts, dim=0)
+
+
 class _Rows:
     """What the mask says about each row, computed once per call and only when a pool
     asks for it."""

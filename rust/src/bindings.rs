@@ -247,6 +247,30 @@ impl<'py> ArrayMemory<'py> {
         };
         (0..self.shape[0]).map(read).collect()
     }
+
+    /// A 2-d integer array `[n, 3]` (int32 or int64) as rows of i64 values.
+    fn to_i64_triples(&self, argument: &str) -> PyResult<Vec<[i64; 3]>> {
+        if self.shape[1] != 3 {
+            return Err(PyValueError::new_err(format!(
+                "{argument}: expected shape [S, 3] (row, start, end), got {:?}",
+                self.shape
+            )));
+        }
+        let read = |row: usize, column: usize| -> i64 {
+            let position = (self.origin as isize
+                + row as isize * self.strides[0]
+                + column as isize * self.strides[1]) as usize;
+            // SAFETY: `borrow` admitted only int32 and int64 here (ID_KINDS); every bit
+            // pattern is a valid integer, and `position` addresses an element of the array.
+            match self.kind {
+                Kind::Int32 => i64::from(unsafe { self.slice::<i32>() }[position]),
+                _ => (unsafe { self.slice::<i64>() })[position],
+            }
+        };
+        Ok((0..self.shape[0])
+            .map(|row| [read(row, 0), read(row, 1), read(row, 2)])
+            .collect())
+    }
 }
 
 const FLOAT_KINDS: [Kind; 4] = [Kind::Float32, Kind::Float64, Kind::Float16, Kind::BFloat16];
@@ -651,6 +675,64 @@ fn pool_packed<'py>(
     )
 }
 
+/// Pools spans of tokens: `spans` `[S, 3]` holds `(row, start, end)` token positions (end
+/// exclusive) of padded hidden states `[B, T, H]` under `attention_mask` `[B, T]`, or of
+/// packed ones `[N, H]` under `offsets` `[B + 1]` (positions then count from each row's
+/// first token). Only real tokens inside a span are read. Returns `[S, D]`.
+#[pyfunction]
+#[pyo3(signature = (hidden_states, spans, pools, combine="sum", layer_weights=None, attention_mask=None, offsets=None, bfloat16=false))]
+#[allow(clippy::too_many_arguments)]
+fn pool_spans<'py>(
+    py: Python<'py>,
+    hidden_states: &Bound<'py, PyAny>,
+    spans: &Bound<'py, PyAny>,
+    pools: Vec<String>,
+    combine: &str,
+    layer_weights: Option<Vec<f64>>,
+    attention_mask: Option<&Bound<'py, PyAny>>,
+    offsets: Option<&Bound<'py, PyAny>>,
+    bfloat16: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let request = ParsedRequest::parse(pools, combine, layer_weights, None)?;
+    if request.pools.contains(&Pool::Index) {
+        return Err(PyValueError::new_err(
+            "pools: the index pool gathers one position per row; within spans pool first or last",
+        ));
+    }
+    let spans =
+        ArrayMemory::borrow("spans", spans, 2, &ID_KINDS, false)?.to_i64_triples("spans")?;
+    let (layers, base, packed_rows) = match (attention_mask, offsets) {
+        (Some(mask), None) => {
+            let layers = borrow_layers(hidden_states, 3, bfloat16)?;
+            let mask = ArrayMemory::borrow("attention_mask", mask, 2, &MASK_KINDS, false)?;
+            let [rows, tokens] = [layers[0].shape[0], layers[0].shape[1]];
+            if mask.shape2() != [rows, tokens] {
+                return Err(PyValueError::new_err(format!(
+                    "attention_mask: shape {:?} does not match hidden_states shape {:?} (expected [{rows}, {tokens}])",
+                    mask.shape, layers[0].shape
+                )));
+            }
+            let selection = selection_from_mask(&mask)?;
+            (layers, selection, None)
+        }
+        (None, Some(offsets)) => {
+            let layers = borrow_layers(hidden_states, 2, bfloat16)?;
+            let offsets =
+                ArrayMemory::borrow("offsets", offsets, 1, &ID_KINDS, false)?.to_i64_vec();
+            let selection = TokenSelection::from_offsets(&offsets, layers[0].shape[0])?;
+            let rows = selection.rows();
+            (layers, selection, Some(rows))
+        }
+        _ => {
+            return Err(PyValueError::new_err(
+                "attention_mask: give exactly one of attention_mask (padded [B, T, H] input) and offsets (packed [N, H] input)",
+            ))
+        }
+    };
+    let selection = base.spans(&spans)?;
+    dispatch(py, &layers, &selection, packed_rows, &request.borrowed())
+}
+
 /// For each row, the position of the first real token whose id is `token_id`; -1 where a
 /// row has none.
 #[pyfunction]
@@ -729,6 +811,7 @@ fn get_num_threads() -> PyResult<usize> {
 fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(pool, module)?)?;
     module.add_function(wrap_pyfunction!(pool_packed, module)?)?;
+    module.add_function(wrap_pyfunction!(pool_spans, module)?)?;
     module.add_function(wrap_pyfunction!(find_token, module)?)?;
     module.add_function(wrap_pyfunction!(set_num_threads, module)?)?;
     module.add_function(wrap_pyfunction!(get_num_threads, module)?)?;

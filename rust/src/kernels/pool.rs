@@ -117,16 +117,18 @@ pub fn pool_layers<T: Element>(
             ));
         }
     }
-    if selection.rows() != rows || selection.token_bound() != tokens {
+    if selection.source_rows() != rows || selection.token_bound() != tokens {
         return Err(KernelError::invalid(
             "attention_mask",
             format!(
                 "covers {} rows of {} tokens but hidden_states has {rows} rows of {tokens} tokens",
-                selection.rows(),
+                selection.source_rows(),
                 selection.token_bound()
             ),
         ));
     }
+    // Output rows are the selection's (spans, for a span selection), not the data's.
+    let rows = selection.rows();
     if pools.is_empty() {
         return Err(KernelError::invalid("pools", "needs at least one pool"));
     }
@@ -589,6 +591,7 @@ impl<'data, T: Element> Job<'_, 'data, T> {
         running.reset();
         let needs = running.needs();
         let positions = self.selection.row(block.row);
+        let source = self.selection.source(block.row);
         let len = block.width;
         let (first_pair, second_pair) = tokens[..4 * len].split_at_mut(2 * len);
         let (buffer0, buffer1) = first_pair.split_at_mut(len);
@@ -613,7 +616,7 @@ impl<'data, T: Element> Job<'_, 'data, T> {
             let four = &positions[rank..rank + 4];
             if let Some(layer) = direct_layer {
                 let slices =
-                    [0, 1, 2, 3].map(|slot| layer.token(block.row, four[slot], block.start, len));
+                    [0, 1, 2, 3].map(|slot| layer.token(source, four[slot], block.start, len));
                 if let [TokenSlice::Contiguous(a), TokenSlice::Contiguous(b), TokenSlice::Contiguous(c), TokenSlice::Contiguous(d)] =
                     slices
                 {
@@ -719,6 +722,8 @@ impl<'data, T: Element> Job<'_, 'data, T> {
         'data: 's,
     {
         let Chunk { row, start, width } = block;
+        // The hidden-state row this output row reads (a span's row).
+        let row = self.selection.source(row);
         let loaded = &mut loaded[..width];
         let widened = &mut widened[..width];
         let one = T::Accumulator::from_f64(1.0);
@@ -1067,7 +1072,107 @@ mod tests {
         }
     }
 
+    /// Spans pooled by the kernel against the reference on a copy of each span's row whose
+    /// mask keeps only the span's positions.
+    fn run_spans<T: Element>(
+        case: &Case,
+        spans: &[[i64; 3]],
+        convert: impl Fn(f64) -> T,
+        execution: Execution,
+        tolerance: f64,
+    ) where
+        T::Accumulator: Into<f64>,
+    {
+        let [_, tokens, hidden] = case.shape;
+        let stored: Vec<Vec<T>> = case
+            .layers
+            .iter()
+            .map(|l| l.iter().map(|&v| convert(v)).collect())
+            .collect();
+        let views: Vec<LayerView<T>> = stored
+            .iter()
+            .map(|l| LayerView::contiguous(l, case.shape).unwrap())
+            .collect();
+        let selection =
+            TokenSelection::from_contiguous_mask(&case.mask, case.shape[0], case.shape[1])
+                .unwrap()
+                .spans(spans)
+                .unwrap();
+        let pools: Vec<Pool> = case
+            .pools
+            .iter()
+            .copied()
+            .filter(|&pool| pool != Pool::Index)
+            .collect();
+        if pools.is_empty() {
+            return;
+        }
+        let pooled =
+            pool_layers(&views, &selection, &pools, &case.combine, None, execution).unwrap();
+        let row_size = tokens * hidden;
+        let copied: Vec<Vec<f64>> = stored
+            .iter()
+            .map(|layer| {
+                spans
+                    .iter()
+                    .flat_map(|&[row, _, _]| {
+                        let row = row as usize;
+                        layer[row * row_size..(row + 1) * row_size]
+                            .iter()
+                            .map(|v| v.widen().into())
+                    })
+                    .collect()
+            })
+            .collect();
+        let masks: Vec<bool> = spans
+            .iter()
+            .flat_map(|&[row, start, end]| {
+                (0..tokens).map(move |token| {
+                    case.mask[row as usize * tokens + token]
+                        && (start as usize..end as usize).contains(&token)
+                })
+            })
+            .collect();
+        let expected = reference(
+            &copied,
+            [spans.len(), tokens, hidden],
+            &masks,
+            &pools,
+            &case.combine,
+            &[],
+        );
+        assert_eq!(pooled.rows, spans.len());
+        assert_eq!(pooled.values.len(), expected.len());
+        for (position, (actual, expected)) in pooled.values.iter().zip(&expected).enumerate() {
+            let actual: f64 = (*actual).into();
+            assert!(
+                close(actual, *expected, tolerance),
+                "element {position}: {actual} != {expected}"
+            );
+        }
+    }
+
+    fn spans_of(case: &Case) -> impl Strategy<Value = Vec<[i64; 3]>> {
+        let [rows, tokens, _] = case.shape;
+        let span = (0..rows.max(1) as i64, 0..=tokens as i64, 0..=tokens as i64)
+            .prop_map(|(row, a, b)| [row, a.min(b), a.max(b)]);
+        prop::collection::vec(span, if rows == 0 { 0..1 } else { 0..12 })
+    }
+
     proptest! {
+        #[test]
+        fn spans_match_the_reference(
+            (case, spans) in case().prop_flat_map(|case| {
+                let spans = spans_of(&case);
+                (Just(case), spans)
+            })
+        ) {
+            run_spans::<f64>(&case, &spans, |v| v, Execution::Sequential, 1e-12);
+            run_spans::<f32>(&case, &spans, |v| v as f32, Execution::Parallel, 1e-5);
+            run_spans::<f16>(&case, &spans, f16::from_f64, Execution::Parallel, 1e-5);
+            run_spans::<bf16>(&case, &spans, bf16::from_f64, Execution::Sequential, 1e-5);
+        }
+
         #[test]
         fn every_element_type_matches_the_reference(case in case()) {
             run_case::<f64>(&case, |v| v, Execution::Sequential, 1e-12);

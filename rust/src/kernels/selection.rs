@@ -17,6 +17,9 @@ pub struct TokenSelection {
     token_bound: usize,
     /// Packed rows address tokens absolutely; gather indices count from the row's start.
     packed: bool,
+    /// For span selections (`spans`): the hidden-state row each selection row reads, and
+    /// how many rows the hidden states have. None: selection row b reads row b.
+    sources: Option<(Vec<usize>, usize)>,
 }
 
 impl TokenSelection {
@@ -59,6 +62,7 @@ impl TokenSelection {
             positions,
             token_bound: tokens,
             packed: false,
+            sources: None,
         })
     }
 
@@ -90,6 +94,7 @@ impl TokenSelection {
             positions: Vec::new(),
             token_bound: tokens,
             packed: false,
+            sources: None,
         }
     }
 
@@ -135,7 +140,85 @@ impl TokenSelection {
             positions: (0..total_tokens).collect(),
             token_bound: total_tokens,
             packed: true,
+            sources: None,
         })
+    }
+
+    /// One row per span `(row, start, end)`: the real tokens of `row` at positions
+    /// `start..end` (end exclusive; positions count padding too, and for packed rows they
+    /// count from the row's first token). Spans may overlap and share rows; a span with no
+    /// real token is an empty row. The spans' rows read the hidden states of their `row`
+    /// (`source`), so many spans cost one pass over their own tokens, not over whole rows.
+    pub fn spans(&self, spans: &[[i64; 3]]) -> Result<Self, KernelError> {
+        if self.sources.is_some() {
+            return Err(KernelError::invalid(
+                "spans",
+                "spans of a span selection are not supported",
+            ));
+        }
+        let rows = self.rows();
+        let mut row_starts = Vec::with_capacity(spans.len() + 1);
+        let mut sources = Vec::with_capacity(spans.len());
+        let mut positions = Vec::new();
+        row_starts.push(0);
+        for (index, &[row, start, end]) in spans.iter().enumerate() {
+            if row < 0 || row as u64 >= rows as u64 {
+                return Err(KernelError::invalid(
+                    "spans",
+                    format!(
+                        "spans[{index}] = ({row}, {start}, {end}): row {row} is outside 0..{rows}"
+                    ),
+                ));
+            }
+            let row = row as usize;
+            let (base, limit) = if self.packed {
+                (
+                    self.row_starts[row],
+                    self.row_starts[row + 1] - self.row_starts[row],
+                )
+            } else {
+                (0, self.token_bound)
+            };
+            if start < 0 || end < start || end as u64 > limit as u64 {
+                return Err(KernelError::invalid(
+                    "spans",
+                    format!(
+                        "spans[{index}] = ({row}, {start}, {end}): needs 0 <= start <= end <= {limit} (the row's token positions)"
+                    ),
+                ));
+            }
+            // A row's positions are in increasing order: the span is a contiguous run of them.
+            let real = self.row(row);
+            let low = real.partition_point(|&position| position < base + start as usize);
+            let high = real.partition_point(|&position| position < base + end as usize);
+            positions.extend_from_slice(&real[low..high]);
+            row_starts.push(positions.len());
+            sources.push(row);
+        }
+        Ok(TokenSelection {
+            row_starts,
+            positions,
+            token_bound: self.token_bound,
+            packed: self.packed,
+            sources: Some((sources, rows)),
+        })
+    }
+
+    /// The hidden-state row that selection row `row` reads.
+    pub fn source(&self, row: usize) -> usize {
+        match &self.sources {
+            Some((sources, _)) => sources[row],
+            None => row,
+        }
+    }
+
+    /// How many hidden-state rows this selection reads from (its own rows unless it holds
+    /// spans).
+    pub fn source_rows(&self) -> usize {
+        match &self.sources {
+            Some((_, rows)) => *rows,
+            None => self.rows(),
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -163,6 +246,12 @@ impl TokenSelection {
     /// (the row pools to zeros); a padded row takes any position in `0..T` (the caller asked
     /// for it explicitly), a packed row a position inside its own range.
     pub fn resolve_gather(&self, index: &[i64]) -> Result<Vec<Option<usize>>, KernelError> {
+        if self.sources.is_some() {
+            return Err(KernelError::invalid(
+                "index",
+                "positions per row do not apply to spans (pool first or last within them)",
+            ));
+        }
         if index.len() != self.rows() {
             return Err(KernelError::invalid(
                 "index",
@@ -250,5 +339,52 @@ mod tests {
         assert_eq!(selection.row(0), &[0, 1]);
         assert_eq!(selection.row(1), &[] as &[usize]);
         assert_eq!(selection.row(2), &[2, 3, 4]);
+    }
+
+    #[test]
+    fn spans_take_the_real_tokens_inside_them() {
+        // Row 0 left-padded with a hole, row 1 right-padded.
+        let mask: Vec<u8> = vec![0, 1, 0, 1, 1, 1, 1, 1, 0, 0];
+        let base = TokenSelection::from_contiguous_mask(&mask, 2, 5).unwrap();
+        let spans = base
+            .spans(&[[0, 0, 3], [1, 1, 5], [0, 2, 3], [1, 0, 0], [0, 0, 5]])
+            .unwrap();
+        assert_eq!(spans.rows(), 5);
+        assert_eq!(spans.source_rows(), 2);
+        assert_eq!(spans.row(0), &[1]);
+        assert_eq!(spans.row(1), &[1, 2]);
+        assert_eq!(spans.row(2), &[] as &[usize]);
+        assert_eq!(spans.row(3), &[] as &[usize]);
+        assert_eq!(spans.row(4), &[1, 3, 4]);
+        assert_eq!(
+            (0..5).map(|span| spans.source(span)).collect::<Vec<_>>(),
+            vec![0, 1, 0, 1, 0]
+        );
+        assert!(spans.resolve_gather(&[0; 5]).is_err());
+    }
+
+    #[test]
+    fn packed_spans_count_from_the_row_start() {
+        let base = TokenSelection::from_offsets(&[0, 2, 5], 5).unwrap();
+        let spans = base.spans(&[[1, 1, 3], [0, 0, 2]]).unwrap();
+        assert_eq!(spans.row(0), &[3, 4]);
+        assert_eq!(spans.row(1), &[0, 1]);
+        // Row 0 has two tokens: position 3 is past it.
+        assert!(base.spans(&[[0, 0, 3]]).is_err());
+    }
+
+    #[test]
+    fn bad_spans_name_themselves() {
+        let base = TokenSelection::from_contiguous_mask(&[1u8; 6], 2, 3).unwrap();
+        for (span, says) in [
+            ([2, 0, 1], "spans[0] = (2, 0, 1): row 2 is outside 0..2"),
+            ([-1, 0, 1], "row -1 is outside"),
+            ([0, 2, 1], "needs 0 <= start <= end <= 3"),
+            ([0, -1, 1], "needs 0 <= start"),
+            ([0, 0, 4], "end <= 3"),
+        ] {
+            let error = base.spans(&[span]).unwrap_err().to_string();
+            assert!(error.contains(says), "{error}");
+        }
     }
 }
