@@ -663,6 +663,7 @@ def pool_spans(
         if chosen.use_torch:
             from hiddenpool import torch_backend
 
+            assert mask is not None  # packed input always takes the Rust kernels
             return torch_backend.pool_spans(
                 layers, mask, _to_tensor(host_spans, chosen.device), pools, combine, weights
             )
