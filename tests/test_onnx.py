@@ -388,3 +388,36 @@ def test_token_report_and_empty_input_equal_the_torch_runner(tmp_path):
         onnx_encoder.encode(TEXTS)
     empty = onnx_encoder.encode([], ["mean@last", "mean+max@last2:concat"])
     assert empty["mean@last"].shape == (0, 16) and empty["mean+max@last2:concat"].shape == (0, 64)
+
+
+def test_spans_on_onnx_runtime_equal_torch(minilm_path, minilm_onnx):
+    """Tokens, words, prompt exclusion and chunks read the tokenizer.json tokenizer on ONNX
+    Runtime: the same values as on torch."""
+    on_torch = Encoder.from_pretrained(minilm_path, backend="torch", device="cpu")
+    on_onnx = Encoder.from_pretrained(minilm_onnx)
+    texts = ["unbelievably good weather", "a cat"]
+    for ours, theirs in zip(
+        on_onnx.encode_tokens(texts, "last2:mean"),
+        on_torch.encode_tokens(texts, "last2:mean"),
+        strict=True,
+    ):
+        np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    for ours, theirs in zip(
+        on_onnx.encode_words(texts, "max", return_offsets=True),
+        on_torch.encode_words(texts, "max", return_offsets=True),
+        strict=True,
+    ):
+        np.testing.assert_allclose(ours[0], theirs[0], atol=1e-4)
+        np.testing.assert_array_equal(ours[1], theirs[1])
+    options = {"prompt": "query: ", "include_prompt": False}
+    np.testing.assert_allclose(
+        on_onnx.encode(texts, "mean@last", **options),
+        on_torch.encode(texts, "mean@last", **options),
+        atol=1e-4,
+    )
+    text = " ".join(["The quick brown fox jumps over the lazy dog."] * 40)  # > 256 tokens
+    np.testing.assert_allclose(
+        on_onnx.encode_chunks(text, chunk_tokens=50),
+        on_torch.encode_chunks(text, chunk_tokens=50),
+        atol=1e-4,
+    )

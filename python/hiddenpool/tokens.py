@@ -9,7 +9,7 @@ needed). Both give the same ids for the same ``tokenizer.json``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -29,6 +29,9 @@ class Tokenized:
     ids: list[Sequence[int]]
     type_ids: list[Sequence[int]] | None
     truncated: int  # how many texts were longer than max_length
+    # The fast tokenizer's ``tokenizers.Encoding`` of each text (word ids, character
+    # offsets, special-token mask); None for slow transformers tokenizers.
+    encodings: list[Any] | None = field(default=None, repr=False)
 
     @property
     def lengths(self) -> list[int]:
@@ -63,6 +66,21 @@ class TextTokenizer(Protocol):
         """Special tokens added to a single text."""
         ...
 
+    def prompt_tokens(self, prompt: str) -> int:
+        """Tokens a text starting with ``prompt`` spends on it: the prompt's tokens with the
+        leading special tokens, without the trailing ones (sentence-transformers'
+        ``prompt_length`` for BERT-style tokenizers)."""
+        ...
+
+    def plain_encoding(self, text: str) -> Any:
+        """The ``tokenizers.Encoding`` of ``text`` without special tokens or truncation;
+        ValueError for tokenizers that give no character offsets."""
+        ...
+
+    def special_frame(self) -> tuple[list[int], list[int]]:
+        """The special token ids put before and after every text (``[CLS]``, ``[SEP]``)."""
+        ...
+
 
 class TransformersTokenizer:
     """A transformers tokenizer (fast or slow) behind the ``TextTokenizer`` protocol."""
@@ -94,13 +112,37 @@ class TransformersTokenizer:
             full = self.tokenizer(texts, truncation=False)["input_ids"]
             truncated = sum(1 for ids in full if len(ids) > self.max_length)
         type_ids = encoded.get("token_type_ids") if self.wants_type_ids else None
-        return Tokenized(list(encoded["input_ids"]), type_ids, truncated)
+        return Tokenized(list(encoded["input_ids"]), type_ids, truncated, encodings)
 
     def plain_ids(self, texts: list[str]) -> list[Sequence[int]]:
         return list(self.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"])
 
     def special_count(self) -> int:
         return int(self.tokenizer.num_special_tokens_to_add(pair=False))
+
+    def prompt_tokens(self, prompt: str) -> int:
+        encoded = self.tokenizer(
+            prompt, truncation=True, max_length=self.max_length, return_special_tokens_mask=True
+        )
+        return _without_trailing_specials(encoded["special_tokens_mask"])
+
+    def plain_encoding(self, text: str) -> Any:
+        tokenizer = self._fast("character offsets")
+        # verbose=False: a text longer than max_length is expected here (it is windowed).
+        encoded = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)
+        return encoded.encodings[0]
+
+    def special_frame(self) -> tuple[list[int], list[int]]:
+        encoded = self.tokenizer("a", return_special_tokens_mask=True)
+        return _frame(list(encoded["input_ids"]), list(encoded["special_tokens_mask"]))
+
+    def _fast(self, what: str) -> Any:
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(
+                f"tokenizer: {type(self.tokenizer).__name__} is a slow tokenizer, which gives no "
+                f"{what}; load the model's fast tokenizer (tokenizer.json)"
+            )
+        return self.tokenizer
 
 
 class JsonTokenizer:
@@ -134,13 +176,40 @@ class JsonTokenizer:
         encodings = self.tokenizer.encode_batch(texts)
         truncated = sum(1 for encoding in encodings if encoding.overflowing)
         type_ids = [encoding.type_ids for encoding in encodings] if self.wants_type_ids else None
-        return Tokenized([encoding.ids for encoding in encodings], type_ids, truncated)
+        return Tokenized([encoding.ids for encoding in encodings], type_ids, truncated, encodings)
 
     def plain_ids(self, texts: list[str]) -> list[Sequence[int]]:
         return [e.ids for e in self._plain.encode_batch(texts, add_special_tokens=False)]
 
     def special_count(self) -> int:
         return len(self._plain.encode("").ids)
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return _without_trailing_specials(self.tokenizer.encode(prompt).special_tokens_mask)
+
+    def plain_encoding(self, text: str) -> Any:
+        return self._plain.encode(text, add_special_tokens=False)
+
+    def special_frame(self) -> tuple[list[int], list[int]]:
+        encoding = self._plain.encode("a")
+        return _frame(list(encoding.ids), list(encoding.special_tokens_mask))
+
+
+def _without_trailing_specials(special_mask: Sequence[int]) -> int:
+    """The length of a token list less its trailing special tokens."""
+    count = len(special_mask)
+    while count and special_mask[count - 1]:
+        count -= 1
+    return count
+
+
+def _frame(ids: list[int], special_mask: list[int]) -> tuple[list[int], list[int]]:
+    """The leading and trailing special ids around a text's own tokens."""
+    lead = 0
+    while lead < len(ids) and special_mask[lead]:
+        lead += 1
+    tail = _without_trailing_specials(special_mask)
+    return ids[:lead], ids[tail:] if tail >= lead else []
 
 
 def plan_batches(
