@@ -2,8 +2,11 @@
 
 Every DESIGN strategy (plus eos and the remaining pools), float32, float16 and bfloat16,
 left and right padding, NaN in padded positions: the CUDA result is compared with the Rust
-result computed from a host copy of the same tensors. Prints the largest absolute difference
-of each case and PASS/FAIL; exits 1 on any failure.
+result computed from a host copy of the same tensors. Then ``pool_spans`` (8 random spans a
+row, every pool and combine) the same way, and the Encoder's span features (tokens, words,
+prompt exclusion, late chunking across windows) with a tiny BERT on the device against the
+same model on the CPU. Prints the largest absolute difference of each case and PASS/FAIL;
+exits 1 on any failure.
 
     python scripts/gpu_check.py                 # needs a CUDA device
     python scripts/gpu_check.py --device cpu    # dry run of the torch path on the CPU
@@ -101,8 +104,107 @@ def main() -> int:
                     f"{'PASS' if ok else 'FAIL'}  {dtype!s:<15} {padding:<5} {strategy:<48} "
                     f"max |cuda - rust| = {difference:.3g}{'  (NaN leaked)' if has_nan else ''}"
                 )
+    failures += check_spans(device)
+    failures += check_encoder(device)
     print(f"{'all passed' if not failures else f'{failures} failed'}")
     return 1 if failures else 0
+
+
+SPAN_STRATEGIES = [
+    "mean@last",
+    "max@last",
+    "first+last@last",
+    "mean+max@last4:sum",
+    "weighted_mean+mean_sqrt_len@-3,-1:concat",
+    "sum@all:mean",
+]
+
+
+def report(ok: bool, label: str, difference: float) -> int:
+    print(f"{'PASS' if ok else 'FAIL'}  {label:<80} max |difference| = {difference:.3g}")
+    return 0 if ok else 1
+
+
+def check_spans(device: str) -> int:
+    """pool_spans on the device against the Rust kernels on a host copy."""
+    failures = 0
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for padding in ("right", "left"):
+            layers, mask, _ = make_case(dtype, padding, seed=1)
+            generator = torch.Generator().manual_seed(2)
+            batch, tokens = mask.shape
+            bounds = torch.randint(0, tokens + 1, (batch * 8, 2), generator=generator)
+            rows = torch.arange(batch).repeat_interleave(8)
+            spans = torch.stack([rows, bounds.min(1).values, bounds.max(1).values], 1)
+            rust = hiddenpool.pool_spans(
+                layers, spans, SPAN_STRATEGIES, attention_mask=mask, backend="rust"
+            )
+            on_device = hiddenpool.pool_spans(
+                [layer.to(device) for layer in layers],
+                spans.to(device),
+                SPAN_STRATEGIES,
+                attention_mask=mask.to(device),
+                backend="torch",
+            )
+            for strategy in SPAN_STRATEGIES:
+                result, expected = on_device[strategy], rust[strategy]
+                difference = (result.cpu() - expected).abs().max().item()
+                has_nan = bool(torch.isnan(result).any())
+                ok = not has_nan and difference <= TOLERANCE[dtype] * max(
+                    1.0, expected.abs().max().item()
+                )
+                failures += report(ok, f"spans {dtype!s:<15} {padding:<5} {strategy}", difference)
+    return failures
+
+
+def check_encoder(device: str) -> int:
+    """Encoder span features with a tiny BERT on the device against the CPU."""
+    import os
+    import warnings
+
+    warnings.simplefilter("ignore")  # the 33-word text is truncated by encode, on purpose
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    import tiny_models
+
+    failures = 0
+    model, tokenizer = tiny_models.bert()
+    on_cpu = hiddenpool.Encoder(model, tokenizer, max_length=12)
+    on_device = hiddenpool.Encoder(
+        tiny_models.bert()[0].to(device), tiny_models.bert()[1], max_length=12
+    )
+    texts = [text for text in tiny_models.TEXTS if text]
+    long_text = " ".join((tiny_models.WORDS * 2)[:33])  # three windows of 10 tokens
+
+    def compare(label: str, ours, theirs, tolerance: float = 1e-4) -> int:
+        pairs = list(zip(ours, theirs, strict=True)) if isinstance(ours, list) else [(ours, theirs)]
+        difference = max(float(abs(a - b).max()) if a.size else 0.0 for a, b in pairs)
+        return report(difference <= tolerance, f"encoder {label}", difference)
+
+    failures += compare(
+        "encode mean+max@last4:sum",
+        on_device.encode(texts, "mean+max@last4:sum"),
+        on_cpu.encode(texts, "mean+max@last4:sum"),
+    )
+    options = {"prompt": "the ", "include_prompt": False}
+    failures += compare(
+        "encode with the prompt left out",
+        on_device.encode(texts, "mean@last", **options),
+        on_cpu.encode(texts, "mean@last", **options),
+    )
+    failures += compare(
+        "encode_tokens last2:mean",
+        on_device.encode_tokens(texts, "last2:mean"),
+        on_cpu.encode_tokens(texts, "last2:mean"),
+    )
+    failures += compare(
+        "encode_words max", on_device.encode_words(texts, "max"), on_cpu.encode_words(texts, "max")
+    )
+    failures += compare(
+        "encode_chunks across 3 windows",
+        on_device.encode_chunks(long_text, chunk_tokens=4),
+        on_cpu.encode_chunks(long_text, chunk_tokens=4),
+    )
+    return failures
 
 
 if __name__ == "__main__":
