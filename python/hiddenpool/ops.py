@@ -647,10 +647,13 @@ def pool_spans(
     else:
         mask = chosen.mask(attention_mask, converted[0])
         _check_shapes(converted, mask)
-        host_mask = np.asarray(mask.cpu() if chosen.use_torch else mask) != 0
-        counts = _span_bounds(
-            host_spans, np.full(host_mask.shape[0], host_mask.shape[1]), host_mask
-        )
+        # The mask is read on the host only to count real tokens for empty="raise": a device
+        # mask would otherwise cost a copy and a synchronisation per call.
+        host_mask = None
+        if empty == "raise":
+            host_mask = np.asarray(mask.cpu() if chosen.use_torch else mask) != 0
+        rows, tokens = tuple(mask.shape)
+        counts = _span_bounds(host_spans, np.full(rows, tokens), host_mask)
     if empty == "raise":
         empty_spans = [int(span) for span in np.flatnonzero(counts == 0)]
         if empty_spans:
@@ -718,7 +721,7 @@ def _span_bounds(spans: np.ndarray, row_lengths: np.ndarray, real: np.ndarray | 
             f"{limit[at]} (the row's token positions)"
         )
     if real is None:
-        return end - start
+        return end - start  # every position is real (packed rows), or nobody asks
     before = np.zeros((real.shape[0], real.shape[1] + 1), dtype=np.int64)
     np.cumsum(real, axis=1, out=before[:, 1:])
     return before[row, end] - before[row, start]
