@@ -349,11 +349,14 @@ class EmbeddingWriter:
         self._arrays: dict[str, NpyRows] = {}
         self._parquet: Any = None
         self.rows = 0
+        self.finished = False
 
     def __enter__(self) -> EmbeddingWriter:
         return self
 
     def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+        if self.finished:
+            return
         if kind is None:
             self.close()
         else:
@@ -386,6 +389,7 @@ class EmbeddingWriter:
     def close(self, widths: dict[str, int] | None = None) -> None:
         """Finishes the file and puts it in place; ``widths`` give each key's width when no
         row was written."""
+        self.finished = True
         try:
             if self.kind == "parquet":
                 if self._parquet is None:
@@ -409,6 +413,7 @@ class EmbeddingWriter:
             self._cleanup()
 
     def abort(self) -> None:
+        self.finished = True
         try:
             if self._parquet is not None:
                 with contextlib.suppress(Exception):
