@@ -247,17 +247,36 @@ def test_encode_several_strategies_to_npz_and_errors(tiny_bert_folder, tmp_path)
 
 
 def test_interrupted_encode_leaves_no_partial_output(tiny_bert_folder, tmp_path, monkeypatch):
+    """Ctrl-C after some chunks were written: no output, no temporary left behind."""
+    from hiddenpool import corpus
+
     source = write(tmp_path / "in.txt", "the cat\n" * 10)
     output = tmp_path / "out.npy"
+    append = corpus.NpyRows.append
+    calls = []
 
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
+    def interrupt_on_the_third_chunk(self, rows):
+        calls.append(len(rows))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        append(self, rows)
 
-    monkeypatch.setattr(np, "save", interrupt)
+    monkeypatch.setattr(corpus.NpyRows, "append", interrupt_on_the_third_chunk)
     code = cli.main(
-        ["encode", "--model", tiny_bert_folder, "--input", source, "--output", str(output)]
+        [
+            "encode",
+            "--model",
+            tiny_bert_folder,
+            "--input",
+            source,
+            "--output",
+            str(output),
+            "--chunk-size",
+            "3",
+        ]
     )
     assert code == 130
+    assert calls == [3, 3, 3]
     assert list(tmp_path.iterdir()) == [tmp_path / "in.txt"]
 
 

@@ -266,3 +266,44 @@ def pooling_config(strategy: str | Strategy, embedding_dimension: int) -> dict[s
     config: dict[str, Any] = {"word_embedding_dimension": int(embedding_dimension)}
     config.update({flag: flag in flags for _, flag, _ in MODES})
     return config
+
+
+def save_portable(model: Any, path: str | os.PathLike[str], **options: Any) -> list[int]:
+    """Saves a SentenceTransformer like ``model.save(path, **options)``, with every
+    ``HiddenPooling`` module whose strategy the stock ``Pooling`` can express (last layer,
+    stock modes in stock order, no learned layer weights) written as a stock ``Pooling``
+    (legacy boolean config), so the folder loads without hiddenpool or
+    ``trust_remote_code`` and other readers (TEI, vLLM) understand it. Returns the indices
+    of the modules so written; the others stay ``HiddenPooling``.
+
+    >>> from sentence_transformers import SentenceTransformer  # doctest: +SKIP
+    >>> save_portable(model, "out")                             # doctest: +SKIP
+    [1]
+    """
+    from hiddenpool._st_module import HiddenPooling
+
+    folder = os.fspath(path)
+    model.save(folder, **options)
+    modules_path = os.path.join(folder, "modules.json")
+    with open(modules_path, encoding="utf-8") as handle:
+        entries = json.load(handle)
+    converted = []
+    for entry in entries:
+        module = model[int(entry["idx"])]
+        if not isinstance(module, HiddenPooling) or module.mix_weights is not None:
+            continue
+        if module.embedding_dimension is None:
+            continue
+        try:
+            config = pooling_config(module.strategy, module.embedding_dimension)
+        except ValueError:
+            continue
+        config["include_prompt"] = module.include_prompt
+        module_folder = os.path.join(folder, entry["path"])
+        with open(os.path.join(module_folder, "config.json"), "w", encoding="utf-8") as handle:
+            json.dump(config, handle, indent=2)
+        entry["type"] = "sentence_transformers.models.Pooling"
+        converted.append(int(entry["idx"]))
+    with open(modules_path, "w", encoding="utf-8") as handle:
+        json.dump(entries, handle, indent=2)
+    return converted

