@@ -82,6 +82,22 @@ def test_pooling_variants_equal_sentence_transformers(
     assert encoder.describe_model_strategy() == resolved, name
 
 
+@pytest.mark.slow
+def test_include_prompt_false_leaves_the_prompt_out_as_sentence_transformers(minilm_path, tmp_path):
+    """A folder whose pooling says include_prompt: false, encoded with a prompt."""
+    from sentence_transformers import SentenceTransformer
+
+    pooling = {"embedding_dimension": 384, "pooling_mode": "mean", "include_prompt": False}
+    folder = variant(minilm_path, tmp_path / "m", pooling=pooling)
+    expected = SentenceTransformer(folder, device="cpu").encode(TEXTS, prompt="query: ")
+    encoder = Encoder.from_pretrained(folder, device="cpu")
+    assert encoder.pipeline is not None and not encoder.pipeline.include_prompt
+    np.testing.assert_allclose(encoder.encode(TEXTS, prompt="query: "), expected, atol=1e-5)
+    # Asked for explicitly, the prompt counts.
+    included = encoder.encode(TEXTS, prompt="query: ", include_prompt=True)
+    assert np.abs(included - expected).max() > 1e-2
+
+
 @pytest.fixture(scope="module")
 def dense_folder(minilm_path, tmp_path_factory) -> str:
     """all-MiniLM-L6-v2 + Dense(384 -> 128, tanh, seeded) + Normalize, saved by

@@ -198,7 +198,12 @@ def load(
         model_class: Any = (
             transformers.CLIPTextModelWithProjection if project else transformers.CLIPTextModel
         )
-    elif getattr(config, "is_encoder_decoder", False):
+    elif getattr(config, "is_encoder_decoder", False) or any(
+        # sentence-transformers saves T5's encoder alone (sentence-t5, GTR): the config then
+        # says is_encoder_decoder false, and AutoModel would build the whole T5Model.
+        name.endswith("EncoderModel")
+        for name in getattr(config, "architectures", None) or []
+    ):
         from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES
 
         model_class = (
