@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pyarrow.parquet as parquet
@@ -63,10 +64,15 @@ def by_id(rows: list[dict], column: str) -> dict[int, np.ndarray]:
 def test_encode_dataset_equals_single_process(
     local_ray, tiny_bert_folder, corpus_rows, single_process, actors
 ):
+    # from_items has no read tasks, so actors may hold every CPU (with a warning saying so).
     dataset = ray.data.from_items(corpus_rows, override_num_blocks=6)
-    encoded = hiddenpool.ray.encode_dataset(
-        dataset, tiny_bert_folder, "mean@last", actors=actors, batch_size=256
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        encoded = hiddenpool.ray.encode_dataset(
+            dataset, tiny_bert_folder, "mean@last", actors=actors, batch_size=256
+        )
+    said = [str(w.message) for w in caught if "hold all 2 CPUs" in str(w.message)]
+    assert len(said) == (1 if actors == 2 else 0)
     rows = encoded.take_all()
     got = by_id(rows, "embedding")
     assert sorted(got) == [row["id"] for row in corpus_rows]
@@ -143,9 +149,13 @@ def test_cli_writes_one_parquet_per_shard_and_resumes(
         "mean@last",
         "--id-column",
         "id",
+        # Both CPUs to actors: the reads must still run (they ask for no CPU).
+        "--actors",
+        "2",
     ]
     result = run_cli(*arguments)
     assert result.returncode == 0, result.stderr
+    assert "hold all" not in result.stderr
     files = sorted(os.listdir(output))
     assert files == ["part-0.parquet", "part-1.parquet", "part-2.parquet"]
     expected = {row["id"]: single_process["mean@last"][i] for i, row in enumerate(corpus_rows)}

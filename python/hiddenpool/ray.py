@@ -10,6 +10,7 @@ are neither lost nor duplicated. Needs the ``ray`` extra: ``pip install 'hiddenp
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,9 +97,17 @@ def encode_dataset(
             raise ValueError(
                 f"dataset: already has column(s) {clashes} that the embeddings would take"
             )
+    cpus = int(ray.cluster_resources().get("CPU", 1))
     if actors is None:
-        cpus = int(ray.cluster_resources().get("CPU", 1))
         actors = max(1, (cpus - 1) // cpus_per_actor)
+    elif actors * cpus_per_actor >= cpus:
+        warnings.warn(
+            f"actors: {actors} actors x {cpus_per_actor} CPU hold all {cpus} CPUs of the "
+            "cluster; read and write tasks that need a CPU will wait for ever (give them "
+            "ray_remote_args={'num_cpus': 0}, as `hiddenpool encode --ray` does, or use "
+            "fewer actors)",
+            stacklevel=2,
+        )
     settings = {
         "model": path,
         "strategies": strategies,

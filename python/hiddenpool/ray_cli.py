@@ -12,6 +12,7 @@ import argparse
 import glob
 import os
 import time
+import warnings
 from typing import Any
 
 from hiddenpool import corpus
@@ -132,23 +133,18 @@ def _run(
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # rows of a shard come back in order
     context.enable_progress_bars = False
+    # Reads ask for no CPU: they are light next to encoding, and an actor pool holding
+    # every CPU (--actors 2 on 2 CPUs) would otherwise leave them none and the job hangs.
+    read_options = {"include_paths": True, "ray_remote_args": {"num_cpus": 0}}
     if paths[0].lower().endswith(".parquet"):
-        dataset = ray.data.read_parquet(paths, include_paths=True)
+        dataset = ray.data.read_parquet(paths, **read_options)
     else:
-        dataset = ray.data.read_json(paths, include_paths=True)
-    encoded = encode_dataset(
-        dataset,
-        model,
-        strategies,
-        column=column,
-        normalize=arguments.normalize,
-        actors=arguments.actors,
-        cpus_per_actor=arguments.cpus_per_actor,
-        backend=arguments.backend,
-        max_batch_tokens=arguments.max_batch_tokens,
-        prompt=arguments.prompt,
-        include_prompt=False if arguments.exclude_prompt else None,
-    )
+        dataset = ray.data.read_json(paths, **read_options)
+    with warnings.catch_warnings():
+        # Its warning about actors holding every CPU is about reads that need one; these
+        # need none (above).
+        warnings.filterwarnings("ignore", message="actors: .* hold all")
+        encoded = _encoded(arguments, encode_dataset, dataset, model, strategies, column)
     writers: dict[str, _ShardWriter] = {}
     started = time.perf_counter()
     rows = 0
@@ -183,6 +179,29 @@ def _run(
     rate = rows / max(seconds, 1e-9)
     print(f"encoded {rows} rows of {len(pending)} shards in {seconds:.1f} s ({rate:.0f} rows/s)")
     return 0
+
+
+def _encoded(
+    arguments: argparse.Namespace,
+    encode_dataset: Any,
+    dataset: Any,
+    model: str,
+    strategies: list[str],
+    column: str,
+) -> Any:
+    return encode_dataset(
+        dataset,
+        model,
+        strategies,
+        column=column,
+        normalize=arguments.normalize,
+        actors=arguments.actors,
+        cpus_per_actor=arguments.cpus_per_actor,
+        backend=arguments.backend,
+        max_batch_tokens=arguments.max_batch_tokens,
+        prompt=arguments.prompt,
+        include_prompt=False if arguments.exclude_prompt else None,
+    )
 
 
 def _split_by_path(table: Any) -> list[tuple[str, Any]]:
