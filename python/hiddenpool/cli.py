@@ -648,9 +648,9 @@ def _encode(arguments: argparse.Namespace) -> int:
     _check_encode_options(arguments)
     if len(arguments.input) != 1:
         raise UsageError("--input: one file (several files or globs need --ray)")
-    for flag in ("address", "actors"):
+    for flag in ("address", "actors", "cpus_per_actor"):
         if getattr(arguments, flag, None) is not None:
-            raise UsageError(f"--{flag}: applies to --ray")
+            raise UsageError(f"--{flag.replace('_', '-')}: applies to --ray")
     output = arguments.output
     if mode != "pooled":
         extensions: tuple[str, ...] = (".jsonl", ".npz")
@@ -826,6 +826,9 @@ STRATEGY_HELP = """strategies: POOL[+POOL...]@LAYERS[:COMBINE]
 examples:
   hiddenpool compare --strategies mean@last cls@last mean@last4:sum
   hiddenpool encode --input texts.txt --output vectors.npy --strategy mean@last --normalize
+  hiddenpool encode --input corpus.parquet --column body --output vectors.parquet
+  hiddenpool encode --input texts.txt --words --output words.jsonl
+  hiddenpool encode --ray --input 'shards/*.jsonl' --output encoded/
   hiddenpool export path/to/model --output model-onnx --quantize int8
 """
 
@@ -1012,7 +1015,7 @@ def _parser() -> argparse.ArgumentParser:
         "--actors", type=int, help="--ray: encoder actors (default: the cluster's CPUs less one)"
     )
     encode.add_argument(
-        "--cpus-per-actor", type=int, default=1, help="--ray: CPUs (and threads) per actor"
+        "--cpus-per-actor", type=int, help="--ray: CPUs (and threads) per actor (default: 1)"
     )
     encode.set_defaults(run=_encode)
 

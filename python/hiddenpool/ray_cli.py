@@ -196,7 +196,7 @@ def _encoded(
         column=column,
         normalize=arguments.normalize,
         actors=arguments.actors,
-        cpus_per_actor=arguments.cpus_per_actor,
+        cpus_per_actor=arguments.cpus_per_actor or 1,
         backend=arguments.backend,
         max_batch_tokens=arguments.max_batch_tokens,
         prompt=arguments.prompt,
