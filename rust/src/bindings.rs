@@ -614,6 +614,22 @@ fn borrow_index(index: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<i64>>> 
         .transpose()
 }
 
+/// The `[B, T]` mask of padded layers `[B, T, H]`, its shape checked against theirs.
+fn borrow_mask<'py>(
+    attention_mask: &Bound<'py, PyAny>,
+    layers: &[ArrayMemory<'py>],
+) -> PyResult<ArrayMemory<'py>> {
+    let mask = ArrayMemory::borrow("attention_mask", attention_mask, 2, &MASK_KINDS, false)?;
+    let [rows, tokens] = [layers[0].shape[0], layers[0].shape[1]];
+    if mask.shape2() != [rows, tokens] {
+        return Err(PyValueError::new_err(format!(
+            "attention_mask: shape {:?} does not match hidden_states shape {:?} (expected [{rows}, {tokens}])",
+            mask.shape, layers[0].shape
+        )));
+    }
+    Ok(mask)
+}
+
 /// Pools padded hidden states `[B, T, H]` (one array per layer) over the real tokens of
 /// `attention_mask` `[B, T]`. Returns `[B, D]`, float32 (float64 for float64 input).
 #[pyfunction]
@@ -630,14 +646,8 @@ fn pool<'py>(
     bfloat16: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let layers = borrow_layers(hidden_states, 3, bfloat16)?;
-    let mask = ArrayMemory::borrow("attention_mask", attention_mask, 2, &MASK_KINDS, false)?;
-    let [rows, tokens] = [layers[0].shape[0], layers[0].shape[1]];
-    if mask.shape2() != [rows, tokens] {
-        return Err(PyValueError::new_err(format!(
-            "attention_mask: shape {:?} does not match hidden_states shape {:?} (expected [{rows}, {tokens}])",
-            mask.shape, layers[0].shape
-        )));
-    }
+    let mask = borrow_mask(attention_mask, &layers)?;
+    let [rows, tokens] = mask.shape2();
     let request = ParsedRequest::parse(pools, combine, layer_weights, index)?;
     let selection = if request.pools.iter().all(|&pool| pool == Pool::Index) {
         TokenSelection::positions_only(rows, tokens)
@@ -704,15 +714,7 @@ fn pool_spans<'py>(
     let (layers, base, packed_rows) = match (attention_mask, offsets) {
         (Some(mask), None) => {
             let layers = borrow_layers(hidden_states, 3, bfloat16)?;
-            let mask = ArrayMemory::borrow("attention_mask", mask, 2, &MASK_KINDS, false)?;
-            let [rows, tokens] = [layers[0].shape[0], layers[0].shape[1]];
-            if mask.shape2() != [rows, tokens] {
-                return Err(PyValueError::new_err(format!(
-                    "attention_mask: shape {:?} does not match hidden_states shape {:?} (expected [{rows}, {tokens}])",
-                    mask.shape, layers[0].shape
-                )));
-            }
-            let selection = selection_from_mask(&mask)?;
+            let selection = selection_from_mask(&borrow_mask(mask, &layers)?)?;
             (layers, selection, None)
         }
         (None, Some(offsets)) => {

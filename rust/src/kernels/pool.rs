@@ -974,6 +974,25 @@ mod tests {
         (actual - expected).abs() <= tolerance * (1.0 + expected.abs())
     }
 
+    fn assert_all_close<A: Copy + Into<f64>>(values: &[A], expected: &[f64], tolerance: f64) {
+        for (position, (&actual, expected)) in values.iter().zip(expected).enumerate() {
+            let actual: f64 = actual.into();
+            assert!(
+                close(actual, *expected, tolerance),
+                "element {position}: {actual} != {expected}"
+            );
+        }
+    }
+
+    /// The case's layers rounded to `T` first, so the reference sees exactly what the
+    /// kernel reads.
+    fn stored_layers<T: Element>(case: &Case, convert: impl Fn(f64) -> T) -> Vec<Vec<T>> {
+        case.layers
+            .iter()
+            .map(|l| l.iter().map(|&v| convert(v)).collect())
+            .collect()
+    }
+
     #[derive(Debug, Clone)]
     struct Case {
         shape: [usize; 3],
@@ -1024,12 +1043,7 @@ mod tests {
     ) where
         T::Accumulator: Into<f64>,
     {
-        // Round the inputs to T first so the reference sees exactly what the kernel reads.
-        let stored: Vec<Vec<T>> = case
-            .layers
-            .iter()
-            .map(|l| l.iter().map(|&v| convert(v)).collect())
-            .collect();
+        let stored = stored_layers(case, convert);
         let widened: Vec<Vec<f64>> = stored
             .iter()
             .map(|l| l.iter().map(|v| v.widen().into()).collect())
@@ -1063,13 +1077,7 @@ mod tests {
         );
         assert_eq!(pooled.values.len(), expected.len());
         assert_eq!(pooled.rows, case.shape[0]);
-        for (position, (actual, expected)) in pooled.values.iter().zip(&expected).enumerate() {
-            let actual: f64 = (*actual).into();
-            assert!(
-                close(actual, *expected, tolerance),
-                "element {position}: {actual} != {expected}"
-            );
-        }
+        assert_all_close(&pooled.values, &expected, tolerance);
     }
 
     /// Spans pooled by the kernel against the reference on a copy of each span's row whose
@@ -1084,11 +1092,7 @@ mod tests {
         T::Accumulator: Into<f64>,
     {
         let [_, tokens, hidden] = case.shape;
-        let stored: Vec<Vec<T>> = case
-            .layers
-            .iter()
-            .map(|l| l.iter().map(|&v| convert(v)).collect())
-            .collect();
+        let stored = stored_layers(case, convert);
         let views: Vec<LayerView<T>> = stored
             .iter()
             .map(|l| LayerView::contiguous(l, case.shape).unwrap())
@@ -1143,13 +1147,7 @@ mod tests {
         );
         assert_eq!(pooled.rows, spans.len());
         assert_eq!(pooled.values.len(), expected.len());
-        for (position, (actual, expected)) in pooled.values.iter().zip(&expected).enumerate() {
-            let actual: f64 = (*actual).into();
-            assert!(
-                close(actual, *expected, tolerance),
-                "element {position}: {actual} != {expected}"
-            );
-        }
+        assert_all_close(&pooled.values, &expected, tolerance);
     }
 
     fn spans_of(case: &Case) -> impl Strategy<Value = Vec<[i64; 3]>> {
