@@ -368,7 +368,13 @@ class EmbeddingWriter:
         else:
             for key in self.keys:
                 if key not in self._arrays:
-                    name = os.path.join(self._folder, f"{len(self._arrays)}.npy")
+                    # .npy: rows go straight into the output's temporary; .npz: one file
+                    # per key, zipped at the end (a zip cannot take several growing members).
+                    name = (
+                        self._temporary
+                        if self.kind == "npy"
+                        else os.path.join(self._folder, f"{len(self._arrays)}.npy")
+                    )
                     self._handles[key] = open(name, "w+b")  # noqa: SIM115 (closed in close)
                     self._arrays[key] = NpyRows(self._handles[key])
                 self._arrays[key].append(embeddings[key])
@@ -402,9 +408,7 @@ class EmbeddingWriter:
                     array.close()
                 for handle in self._handles.values():
                     handle.close()
-                if self.kind == "npy":
-                    shutil.copyfile(os.path.join(self._folder, "0.npy"), self._temporary)
-                else:
+                if self.kind == "npz":
                     with zipfile.ZipFile(self._temporary, "w", zipfile.ZIP_STORED) as archive:
                         for index, key in enumerate(self.keys):
                             archive.write(os.path.join(self._folder, f"{index}.npy"), f"{key}.npy")
