@@ -114,7 +114,7 @@ def main() -> None:
             first, steady = on_ray(
                 folder, texts, actors, arguments.cpus_per_actor, arguments.repeat
             )
-            plural = 's' if actors > 1 else ''
+            plural = "s" if actors > 1 else ""
             label = f"Ray Data, {actors} actor{plural} x {arguments.cpus_per_actor} CPU"
             results.append((label, steady, first))
     finally:

