@@ -77,11 +77,11 @@ def encode_shards(arguments: argparse.Namespace) -> int:
     id_column = arguments.id_column
     _check_columns(pending[0][0], column, id_column)
     model = cli._preflight(arguments, strategies)
-    os.makedirs(folder, exist_ok=True)
     try:
         import ray
     except ImportError:
         raise _Usage("--ray: needs Ray Data: pip install 'hiddenpool[ray]'") from None
+    os.makedirs(folder, exist_ok=True)
     import logging
 
     # Ray Data logs every scheduling step at INFO to the terminal; its own log files (under
