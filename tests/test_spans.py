@@ -195,3 +195,13 @@ def test_caller_buffers_are_untouched():
         np.testing.assert_array_equal(now, then)
     np.testing.assert_array_equal(mask, before[1])
     np.testing.assert_array_equal(spans, before[2])
+
+
+def test_packed_spans_check_offsets_and_refuse_the_torch_path():
+    values = np.zeros((5, 2), np.float32)
+    spans = np.array([[0, 0, 1]])
+    for offsets in ([0, 3, 2, 5], [1, 5], [0, 4]):
+        with pytest.raises(ValueError, match="offsets: must start at 0, never decrease"):
+            hiddenpool.pool_spans(values, spans, offsets=np.array(offsets))
+    with pytest.raises(ValueError, match="offsets: packed input is pooled by the Rust kernels"):
+        hiddenpool.pool_spans(values, spans, offsets=np.array([0, 5]), backend="torch")

@@ -631,18 +631,22 @@ def pool_spans(
     states = _states_from(hidden_states)
     plan = _Plan(strategies, len(states), layer_weights, layer_scale)
     packed = offsets is not None
+    if packed:
+        first = states[plan.used[0]]
+        if (backend or _BACKEND.get()) == "torch" or (
+            _is_torch(first) and first.device.type != "cpu"
+        ):
+            raise ValueError(
+                "offsets: packed input is pooled by the Rust kernels, on the host only; pass "
+                "padded [B, T, H] states with attention_mask for the torch path"
+            )
     chosen = _choose_backend(states[plan.used[0]], "rust" if packed else backend)
     converted, is_bfloat16 = chosen.states(plan.states_used(states))
     host_spans = _checked_spans(spans)
     if packed:
         _check_shapes(converted, None, packed=True)
         offset_array = _as_numpy(offsets, "offsets")[0]
-        row_lengths = np.diff(offset_array.astype(np.int64)) if offset_array.size else None
-        if row_lengths is None or offset_array.ndim != 1:
-            raise ValueError(
-                f"offsets: expected [B + 1] integers starting at 0, got {_describe(offsets)}"
-            )
-        counts = _span_bounds(host_spans, row_lengths, None)
+        counts = _span_bounds(host_spans, _row_lengths(offset_array, converted[0].shape[0]), None)
         mask = None
     else:
         mask = chosen.mask(attention_mask, converted[0])
@@ -683,6 +687,22 @@ def pool_spans(
 
     outputs = plan.run(keys, converted, compute, chosen)
     return outputs if several else outputs[keys[0]]
+
+
+def _row_lengths(offsets: np.ndarray, tokens: int) -> np.ndarray:
+    """Each packed row's length from cu_seqlens ``offsets``, or a ValueError naming them."""
+    if offsets.ndim != 1 or offsets.size == 0 or offsets.dtype.kind not in "iu":
+        raise ValueError(
+            f"offsets: expected [B + 1] integers starting at 0, got {_describe(offsets)}"
+        )
+    values = offsets.astype(np.int64)
+    lengths = np.diff(values)
+    if values[0] != 0 or values[-1] != tokens or (lengths < 0).any():
+        raise ValueError(
+            f"offsets: must start at 0, never decrease and end at the {tokens} packed tokens; "
+            f"got {values[:8].tolist()}{' ...' if values.size > 8 else ''}"
+        )
+    return lengths
 
 
 def _checked_spans(spans: Any) -> np.ndarray:
