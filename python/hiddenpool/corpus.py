@@ -158,24 +158,17 @@ def _text(path: str, where: str, value: Any, name: str) -> str:
 
 
 def _json_lines_records(path: str, name: str, id_column: str | None) -> Iterator[tuple[Any, str]]:
-    with open(path, encoding="utf-8") as handle:
-        row = 0
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CorpusError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            where = str(number)
-            if not isinstance(record, dict):
-                raise CorpusError(f"{path}:{where}: expected a JSON object with a {name!r} field")
-            text = _text(path, where, _value(path, where, record, name, "--field"), name)
-            identifier = row
-            if id_column is not None:
-                identifier = _value(path, where, record, id_column, "--id-column")
-            row += 1
-            yield identifier, text
+    from hiddenpool.evaluate import read_json_lines
+
+    for row, (number, record) in enumerate(read_json_lines(path)):
+        where = str(number)
+        if not isinstance(record, dict):
+            raise CorpusError(f"{path}:{where}: expected a JSON object with a {name!r} field")
+        text = _text(path, where, _value(path, where, record, name, "--field"), name)
+        identifier = row
+        if id_column is not None:
+            identifier = _value(path, where, record, id_column, "--id-column")
+        yield identifier, text
 
 
 def _json_array_records(path: str, name: str, id_column: str | None) -> Iterator[tuple[Any, str]]:
@@ -257,25 +250,63 @@ def _pyarrow_parquet(what: str) -> Any:
 # Writers ---------------------------------------------------------------------------------
 
 
+class StagedFile:
+    """A temporary file beside ``path`` that becomes ``path`` on ``commit`` and is removed
+    on ``discard`` (a no-op after ``commit``), so an interrupted run (Ctrl-C, a crash, a bad
+    record halfway) leaves no partial output and an old file untouched. The output gets
+    the mode a plain ``open`` would give (a new file 0666 less the umask; a file written
+    over keeps its mode). ``scratch=True`` adds a scratch folder beside it, removed by
+    either."""
+
+    def __init__(self, path: str, *, scratch: bool = False) -> None:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise CorpusError(f"{path}: the folder {directory} does not exist")
+        handle, temporary = tempfile.mkstemp(
+            dir=directory, prefix=".hiddenpool-", suffix=".partial"
+        )
+        os.close(handle)
+        mode = os.stat(path).st_mode & 0o7777 if os.path.isfile(path) else 0o666 & ~current_umask()
+        os.chmod(temporary, mode)
+        self.path = path
+        self.temporary = temporary
+        self.scratch = tempfile.mkdtemp(dir=directory, prefix=".hiddenpool-") if scratch else None
+
+    def commit(self) -> None:
+        os.replace(self.temporary, self.path)
+        self._remove_scratch()
+
+    def discard(self) -> None:
+        if os.path.exists(self.temporary):
+            os.remove(self.temporary)
+        self._remove_scratch()
+
+    def _remove_scratch(self) -> None:
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-    """A temporary path beside ``path`` that replaces it only when the block finishes, so
-    an interrupted run (Ctrl-C, a crash, a bad record halfway) leaves no partial output.
-    The output gets the mode a plain ``open`` would give (a new file 0666 less the umask; a
-    file written over keeps its mode)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise CorpusError(f"{path}: the folder {directory} does not exist")
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".hiddenpool-", suffix=".partial")
-    os.close(handle)
-    mode = os.stat(path).st_mode & 0o7777 if os.path.isfile(path) else 0o666 & ~current_umask()
-    os.chmod(temporary, mode)
+    """``StagedFile(path).temporary`` for the block, committed when it finishes."""
+    staged = StagedFile(path)
     try:
-        yield temporary
-        os.replace(temporary, path)
+        yield staged.temporary
+        staged.commit()
     finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        staged.discard()
+
+
+def write_npz(path: str, members: dict[str, str | np.ndarray]) -> None:
+    """An uncompressed ``.npz`` at ``path``: each member a ``.npy`` file already written
+    (copied in as it is) or an array."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, member in members.items():
+            if isinstance(member, str):
+                archive.write(member, f"{name}.npy")
+            else:
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as handle:
+                    np.lib.format.write_array(handle, member, allow_pickle=False)
 
 
 def current_umask() -> int:
@@ -342,9 +373,7 @@ class EmbeddingWriter:
         self.keys = list(keys)
         self.id_name = id_name
         self.kind = lower.rsplit(".", 1)[1]
-        self._atomic = atomic_path(path)
-        self._temporary = self._atomic.__enter__()
-        self._folder = tempfile.mkdtemp(dir=os.path.dirname(self._temporary), prefix=".hiddenpool-")
+        self._staged = StagedFile(path, scratch=self.kind == "npz")
         self._handles: dict[str, Any] = {}
         self._arrays: dict[str, NpyRows] = {}
         self._parquet: Any = None
@@ -370,11 +399,9 @@ class EmbeddingWriter:
                 if key not in self._arrays:
                     # .npy: rows go straight into the output's temporary; .npz: one file
                     # per key, zipped at the end (a zip cannot take several growing members).
-                    name = (
-                        self._temporary
-                        if self.kind == "npy"
-                        else os.path.join(self._folder, f"{len(self._arrays)}.npy")
-                    )
+                    name = self._staged.temporary
+                    if self._staged.scratch is not None:
+                        name = os.path.join(self._staged.scratch, f"{len(self._arrays)}.npy")
                     self._handles[key] = open(name, "w+b")  # noqa: SIM115 (closed in close)
                     self._arrays[key] = NpyRows(self._handles[key])
                 self._arrays[key].append(embeddings[key])
@@ -389,7 +416,7 @@ class EmbeddingWriter:
             columns[_column_name(key, self.keys)] = fixed_size_lists(embeddings[key])
         table = arrow.table(columns)
         if self._parquet is None:
-            self._parquet = parquet.ParquetWriter(self._temporary, table.schema)
+            self._parquet = parquet.ParquetWriter(self._staged.temporary, table.schema)
         self._parquet.write_table(table)
 
     def close(self, widths: dict[str, int] | None = None) -> None:
@@ -408,13 +435,14 @@ class EmbeddingWriter:
                     array.close()
                 for handle in self._handles.values():
                     handle.close()
-                if self.kind == "npz":
-                    with zipfile.ZipFile(self._temporary, "w", zipfile.ZIP_STORED) as archive:
-                        for index, key in enumerate(self.keys):
-                            archive.write(os.path.join(self._folder, f"{index}.npy"), f"{key}.npy")
-            self._atomic.__exit__(None, None, None)
+                if self._staged.scratch is not None:
+                    files: dict[str, str | np.ndarray] = {
+                        key: handle.name for key, handle in self._handles.items()
+                    }
+                    write_npz(self._staged.temporary, files)
+            self._staged.commit()
         finally:
-            self._cleanup()
+            self._staged.discard()
 
     def abort(self) -> None:
         self.finished = True
@@ -424,13 +452,8 @@ class EmbeddingWriter:
                     self._parquet.close()
             for handle in self._handles.values():
                 handle.close()
-            with contextlib.suppress(Exception):
-                self._atomic.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
         finally:
-            self._cleanup()
-
-    def _cleanup(self) -> None:
-        shutil.rmtree(self._folder, ignore_errors=True)
+            self._staged.discard()
 
 
 def _column_name(key: str, keys: Sequence[str]) -> str:
@@ -462,13 +485,12 @@ class SpanWriter:
             raise CorpusError(f"{path}: token and word vectors go to .jsonl or .npz")
         self.kind = "npz" if lower.endswith(".npz") else "jsonl"
         self.path = path
-        self._atomic = atomic_path(path)
-        self._temporary = self._atomic.__enter__()
-        self._folder = tempfile.mkdtemp(dir=os.path.dirname(self._temporary), prefix=".hiddenpool-")
+        self._staged = StagedFile(path, scratch=self.kind == "npz")
+        scratch = self._staged.scratch
         self._handle: Any = open(  # noqa: SIM115 (closed in close/abort)
-            self._temporary if self.kind == "jsonl" else os.path.join(self._folder, "values.npy"),
-            "w" if self.kind == "jsonl" else "w+b",
-            encoding="utf-8" if self.kind == "jsonl" else None,
+            self._staged.temporary if scratch is None else os.path.join(scratch, "values.npy"),
+            "w" if scratch is None else "w+b",
+            encoding="utf-8" if scratch is None else None,
         )
         self._values = NpyRows(self._handle) if self.kind == "npz" else None
         self._boundaries = [0]
@@ -506,27 +528,22 @@ class SpanWriter:
             if self._values is not None:
                 self._values.close(width)
                 self._handle.close()
-                with zipfile.ZipFile(self._temporary, "w", zipfile.ZIP_STORED) as archive:
-                    archive.write(os.path.join(self._folder, "values.npy"), "values.npy")
-                    extra = {
-                        "offsets": np.array(self._boundaries, dtype=np.int64),
-                        "ids": np.array(self._ids),
-                    }
-                    if self._characters:
-                        extra["char_offsets"] = np.concatenate(self._characters).astype(np.int64)
-                    for name, array in extra.items():
-                        with archive.open(f"{name}.npy", "w") as member:
-                            np.lib.format.write_array(member, array, allow_pickle=False)
+                members: dict[str, str | np.ndarray] = {
+                    "values": self._handle.name,
+                    "offsets": np.array(self._boundaries, dtype=np.int64),
+                    "ids": np.array(self._ids),
+                }
+                if self._characters:
+                    members["char_offsets"] = np.concatenate(self._characters).astype(np.int64)
+                write_npz(self._staged.temporary, members)
             else:
                 self._handle.close()
-            self._atomic.__exit__(None, None, None)
+            self._staged.commit()
         finally:
-            shutil.rmtree(self._folder, ignore_errors=True)
+            self._staged.discard()
 
     def abort(self) -> None:
         try:
             self._handle.close()
-            with contextlib.suppress(Exception):
-                self._atomic.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
         finally:
-            shutil.rmtree(self._folder, ignore_errors=True)
+            self._staged.discard()

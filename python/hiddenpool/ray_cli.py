@@ -224,8 +224,7 @@ class _ShardWriter:
     def __init__(self, path: str, id_column: str | None) -> None:
         self.path = path
         self.id_column = id_column
-        self._atomic = corpus.atomic_path(path)
-        self.temporary = self._atomic.__enter__()
+        self._staged = corpus.StagedFile(path)
         self.writer: Any = None
         self.rows = 0
         self.closed = False
@@ -238,19 +237,19 @@ class _ShardWriter:
             numbers = arrow.array(range(self.rows, self.rows + table.num_rows), arrow.int64())
             table = table.add_column(0, "row", numbers)
         if self.writer is None:
-            self.writer = parquet.ParquetWriter(self.temporary, table.schema)
+            self.writer = parquet.ParquetWriter(self._staged.temporary, table.schema)
         self.writer.write_table(table)
         self.rows += table.num_rows
 
     def close(self) -> None:
         self.writer.close()
-        self._atomic.__exit__(None, None, None)
+        self._staged.commit()
         self.closed = True
 
     def abort(self) -> None:
         if self.writer is not None:
             self.writer.close()
-        self._atomic.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+        self._staged.discard()
         self.closed = True
 
     @staticmethod
