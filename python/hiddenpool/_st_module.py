@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from sentence_transformers.base.modules.module import Module
 
-from hiddenpool.ops import pool
+from hiddenpool.ops import pool, without_leading_tokens
 from hiddenpool.strategy import Strategy
 
 
@@ -126,8 +126,7 @@ class HiddenPooling(Module):
             if mask is None or mask.shape[-1] != last.shape[1]:
                 mask = last.new_ones(last.shape[:2], dtype=_int64())
         if prompt:
-            real = mask != 0
-            mask = real & (real.cumsum(dim=1) > prompt)
+            mask = without_leading_tokens(mask, prompt)
         features["sentence_embedding"] = self._pool(states, mask, input_ids).to(last.dtype)
         return features
 
@@ -211,9 +210,9 @@ def _unflatten(states: list[Any], offsets: Any, input_ids: Any) -> tuple[list[An
     mask = positions[None, :] < lengths[:, None]
     source = (offsets[:-1, None] + positions[None, :])[mask]
 
-    def padded(flat: Any, fill: float | int = 0) -> Any:
+    def padded(flat: Any) -> Any:
         flat = flat.reshape(-1, *flat.shape[2:]) if flat.dim() >= 2 else flat
-        out = flat.new_full((rows, width, *flat.shape[1:]), fill)
+        out = flat.new_zeros((rows, width, *flat.shape[1:]))
         out[mask.to(flat.device)] = flat[source.to(flat.device)]
         return out
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from hiddenpool.ops import StrategyLike, pool, pool_spans
+from hiddenpool.ops import StrategyLike, pool, pool_spans, without_leading_tokens
 from hiddenpool.runner import Family, Runner, needed_states
 from hiddenpool.sentence_transformers import Pipeline
 from hiddenpool.strategy import Strategy, strategy_list
@@ -242,7 +242,8 @@ class Encoder:
         ``include_prompt=False`` leaves its tokens (and the leading special token) out of
         pooling under either padding side, as sentence-transformers' Pooling with
         ``include_prompt=False`` does. The default, None, includes it unless the model's
-        pipeline says ``include_prompt: false`` and the strategy is ``"model"``.
+        pipeline says ``include_prompt: false`` and ``"model"`` is among the strategies (then
+        it is left out for every strategy of the call, which share one pooling mask).
         """
         texts = _checked_texts(texts)
         _check_limits(batch_size, max_batch_tokens)
@@ -430,10 +431,9 @@ class Encoder:
         strategy = self._layer_strategy(pool, layers)
         if "eos" in strategy.pools:
             raise ValueError("pool: eos finds one token per text; words pool first, last, mean...")
+        self.runner.tokenizer.require_fast("word ids")
         tokenized = self.runner.tokenizer.tokenize(texts)
-        if tokenized.encodings is None:
-            self.runner.tokenizer.plain_encoding("")  # raises the slow-tokenizer error
-            raise ValueError("tokenizer: gives no word ids")
+        assert tokenized.encodings is not None  # require_fast said so
         spans_of: list[list[tuple[int, int]]] = []
         offsets_of: list[np.ndarray] = []
         for encoding in tokenized.encodings:
@@ -459,7 +459,7 @@ class Encoder:
         """Pools, for each text i, the token spans ``spans_of[i]`` (``(start, end)`` over its
         own tokens, counted without padding): ``[len(spans_of[i]), D]`` float32 each."""
         states = needed_states([strategy], self.runner.state_count())
-        results: list[np.ndarray | None] = [None] * len(spans_of)
+        results: list[np.ndarray] = [np.empty((0, 0), np.float32)] * len(spans_of)
         for batch in self._batches(tokenized, batch_size, max_batch_tokens, progress):
             hidden = self.runner.run(batch, states)
             rows: list[tuple[int, int, int]] = []
@@ -479,15 +479,7 @@ class Encoder:
                 count = len(spans_of[text])
                 results[text] = pooled[cut : cut + count]
                 cut += count
-        width = None
-        for value in results:
-            if value is not None:
-                width = value.shape[1]
-                break
-        return [
-            value if value is not None else np.zeros((0, width or 0), np.float32)
-            for value in results
-        ]
+        return results  # every text is in exactly one batch
 
     def encode_chunks(
         self,
@@ -644,10 +636,7 @@ class Encoder:
         """Every strategy's pooled rows of one batch, as float32 numpy; the first
         ``prompt_tokens`` real tokens of each row are left out of pooling."""
         hidden = self.runner.run(batch, states)
-        mask = batch.mask
-        if prompt_tokens:
-            real = mask != 0
-            mask = real & (np.cumsum(real, axis=1) > prompt_tokens)
+        mask = without_leading_tokens(batch.mask, prompt_tokens) if prompt_tokens else batch.mask
         eos_ids, eos_token_id = self._eos_inputs(batch.ids)
         options: dict[str, Any] = {
             "input_ids": eos_ids,

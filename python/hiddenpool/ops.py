@@ -324,6 +324,20 @@ def _last_positions(mask: Any, use_torch: bool) -> Any:
     return np.where(real.any(axis=1), last, -1).astype(np.int64)
 
 
+def without_leading_tokens(attention_mask: Any, count: int) -> Any:
+    """``attention_mask`` (numpy or torch, ``[B, T]``) as bools with each row's first
+    ``count`` real tokens counted as padding, under either padding side: how a prompt is
+    left out of pooling (sentence-transformers' ``include_prompt=False``).
+
+    >>> without_leading_tokens(np.array([[0, 1, 1, 1], [1, 1, 1, 0]]), 2).astype(int)
+    array([[0, 0, 0, 1],
+           [0, 0, 1, 0]])
+    """
+    real = attention_mask != 0
+    rank = real.cumsum(dim=1) if _is_torch(real) else np.cumsum(real, axis=1)
+    return real & (rank > count)
+
+
 def _rows_text(rows: Sequence[int]) -> str:
     shown = ", ".join(str(row) for row in rows[:20])
     return shown + (f" and {len(rows) - 20} more" if len(rows) > 20 else "")
@@ -646,19 +660,24 @@ def pool_spans(
     if packed:
         _check_shapes(converted, None, packed=True)
         offset_array = _as_numpy(offsets, "offsets")[0]
-        counts = _span_bounds(host_spans, _row_lengths(offset_array, converted[0].shape[0]), None)
+        row_lengths = _row_lengths(offset_array, converted[0].shape[0])
         mask = None
     else:
         mask = chosen.mask(attention_mask, converted[0])
         _check_shapes(converted, mask)
-        # The mask is read on the host only to count real tokens for empty="raise": a device
-        # mask would otherwise cost a copy and a synchronisation per call.
-        host_mask = None
-        if empty == "raise":
-            host_mask = np.asarray(mask.cpu() if chosen.use_torch else mask) != 0
         rows, tokens = tuple(mask.shape)
-        counts = _span_bounds(host_spans, np.full(rows, tokens), host_mask)
+        row_lengths = np.full(rows, tokens)
+    _check_span_bounds(host_spans, row_lengths)
     if empty == "raise":
+        row, start, end = host_spans.T
+        if mask is None:
+            counts = end - start  # packed rows: every position is real
+        else:
+            # Read on the host only here: a device mask costs a copy and a synchronisation.
+            real = np.asarray(mask.cpu() if chosen.use_torch else mask) != 0
+            before = np.zeros((real.shape[0], real.shape[1] + 1), dtype=np.int64)
+            np.cumsum(real, axis=1, out=before[:, 1:])
+            counts = before[row, end] - before[row, start]
         empty_spans = [int(span) for span in np.flatnonzero(counts == 0)]
         if empty_spans:
             raise ValueError(
@@ -721,9 +740,8 @@ def _checked_spans(spans: Any) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.int64)
 
 
-def _span_bounds(spans: np.ndarray, row_lengths: np.ndarray, real: np.ndarray | None) -> Any:
-    """Checks every span against its row's positions and returns how many real tokens each
-    holds (``real`` ``[B, T]`` bools; None: every position is real)."""
+def _check_span_bounds(spans: np.ndarray, row_lengths: np.ndarray) -> None:
+    """A ValueError naming the first span whose row or positions fall outside the input."""
     rows = row_lengths.shape[0]
     row, start, end = spans[:, 0], spans[:, 1], spans[:, 2]
     bad_row = np.flatnonzero((row < 0) | (row >= rows))
@@ -740,11 +758,6 @@ def _span_bounds(spans: np.ndarray, row_lengths: np.ndarray, real: np.ndarray | 
             f"spans[{at}] = ({row[at]}, {start[at]}, {end[at]}): needs 0 <= start <= end <= "
             f"{limit[at]} (the row's token positions)"
         )
-    if real is None:
-        return end - start  # every position is real (packed rows), or nobody asks
-    before = np.zeros((real.shape[0], real.shape[1] + 1), dtype=np.int64)
-    np.cumsum(real, axis=1, out=before[:, 1:])
-    return before[row, end] - before[row, start]
 
 
 def _single(pool_name: str) -> Any:

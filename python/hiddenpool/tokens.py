@@ -77,6 +77,11 @@ class TextTokenizer(Protocol):
         ValueError for tokenizers that give no character offsets."""
         ...
 
+    def require_fast(self, what: str) -> None:
+        """ValueError naming ``what`` unless ``tokenize`` gives ``encodings`` (word ids,
+        character offsets): slow transformers tokenizers give none."""
+        ...
+
     def special_frame(self) -> tuple[list[int], list[int]]:
         """The special token ids put before and after every text (``[CLS]``, ``[SEP]``)."""
         ...
@@ -127,22 +132,21 @@ class TransformersTokenizer:
         return _without_trailing_specials(encoded["special_tokens_mask"])
 
     def plain_encoding(self, text: str) -> Any:
-        tokenizer = self._fast("character offsets")
+        self.require_fast("character offsets")
         # verbose=False: a text longer than max_length is expected here (it is windowed).
-        encoded = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)
+        encoded = self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)
         return encoded.encodings[0]
 
     def special_frame(self) -> tuple[list[int], list[int]]:
         encoded = self.tokenizer("a", return_special_tokens_mask=True)
         return _frame(list(encoded["input_ids"]), list(encoded["special_tokens_mask"]))
 
-    def _fast(self, what: str) -> Any:
+    def require_fast(self, what: str) -> None:
         if not getattr(self.tokenizer, "is_fast", False):
             raise ValueError(
                 f"tokenizer: {type(self.tokenizer).__name__} is a slow tokenizer, which gives no "
                 f"{what}; load the model's fast tokenizer (tokenizer.json)"
             )
-        return self.tokenizer
 
 
 class JsonTokenizer:
@@ -189,6 +193,9 @@ class JsonTokenizer:
 
     def plain_encoding(self, text: str) -> Any:
         return self._plain.encode(text, add_special_tokens=False)
+
+    def require_fast(self, what: str) -> None:
+        return None  # a tokenizers.Tokenizer always gives encodings
 
     def special_frame(self) -> tuple[list[int], list[int]]:
         encoding = self._plain.encode("a")

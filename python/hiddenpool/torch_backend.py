@@ -75,17 +75,13 @@ def pool_spans(
     step = max(1, SPAN_CHUNK_ELEMENTS // per_span)
     parts = []
     real = (mask != 0).to(device)
-    for first in range(0, spans.shape[0], step):
+    # At least one chunk, so no spans give pool()'s own [0, D] result.
+    for first in range(0, max(spans.shape[0], 1), step):
         chunk = spans[first : first + step]
         rows, start, end = chunk[:, 0], chunk[:, 1:2], chunk[:, 2:3]
         inside = real.index_select(0, rows) & (positions >= start) & (positions < end)
         copies = [layer.index_select(0, rows) for layer in layers]
         parts.append(pool(copies, inside, pools, combine, layer_weights, None))
-    if not parts:
-        width = len(pools) * (len(layers) if combine == "concat" else 1) * hidden
-        return torch.zeros(
-            (0, width), dtype=accumulator_dtype(layers[0].dtype), device=layers[0].device
-        )
     return torch.cat(parts, dim=0)
 
 
