@@ -22,7 +22,7 @@ import numpy as np
 
 from hiddenpool.ops import StrategyLike, pool, pool_spans, without_leading_tokens
 from hiddenpool.runner import Family, Runner, needed_states
-from hiddenpool.sentence_transformers import Pipeline
+from hiddenpool.sentence_transformers import Pipeline, normalize_rows
 from hiddenpool.strategy import Strategy, strategy_list
 from hiddenpool.text_spans import (
     StitchedStates,
@@ -554,7 +554,7 @@ class Encoder:
         if pipeline is not None:
             pooled = pipeline.apply(pooled)
         if normalize:
-            pooled = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+            pooled = normalize_rows(pooled)
         return (pooled, char_spans) if return_spans else pooled
 
     def check(
@@ -674,8 +674,7 @@ class Encoder:
     ) -> Any:
         if normalize:
             for key, value in results.items():
-                norms = np.linalg.norm(value, axis=1, keepdims=True)
-                results[key] = value / np.maximum(norms, 1e-12)
+                results[key] = normalize_rows(value)
         if output == "torch":
             import torch
 

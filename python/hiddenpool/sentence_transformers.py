@@ -113,9 +113,20 @@ class Pipeline:
         for dense in self.dense:
             result = dense.apply(result)
         if self.normalize:
-            norms = np.linalg.norm(result, axis=1, keepdims=True)
-            result = result / np.maximum(norms, 1e-12)
+            result = normalize_rows(result)
         return np.asarray(result, dtype=np.float32)
+
+
+def normalize_rows(rows: np.ndarray) -> np.ndarray:
+    """``[N, D]`` rows scaled to unit L2 norm, as sentence-transformers' Normalize does
+    (torch's ``F.normalize``: norms below 1e-12 count as 1e-12, so zero rows stay zero).
+
+    >>> normalize_rows(np.array([[3.0, 4.0], [0.0, 0.0]]))
+    array([[0.6, 0.8],
+           [0. , 0. ]])
+    """
+    norms: np.ndarray = np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    return rows / norms
 
 
 def _kind(type_name: str) -> str:
