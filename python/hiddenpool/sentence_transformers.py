@@ -125,8 +125,9 @@ def normalize_rows(rows: np.ndarray) -> np.ndarray:
     array([[0.6, 0.8],
            [0. , 0. ]])
     """
-    norms: np.ndarray = np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-    return rows / norms
+    norms = np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    scaled: np.ndarray = rows / norms
+    return scaled
 
 
 def _kind(type_name: str) -> str:
