@@ -412,8 +412,8 @@ class EmbeddingWriter:
         import pyarrow.parquet as parquet
 
         columns = {self.id_name: arrow.array(list(ids))}
-        for key in self.keys:
-            columns[_column_name(key, self.keys)] = fixed_size_lists(embeddings[key])
+        for name, key in zip(embedding_columns(self.keys), self.keys, strict=True):
+            columns[name] = fixed_size_lists(embeddings[key])
         table = arrow.table(columns)
         if self._parquet is None:
             self._parquet = parquet.ParquetWriter(self._staged.temporary, table.schema)
@@ -456,9 +456,10 @@ class EmbeddingWriter:
             self._staged.discard()
 
 
-def _column_name(key: str, keys: Sequence[str]) -> str:
-    """``embedding`` for a single strategy, else the strategy as given."""
-    return "embedding" if len(keys) == 1 else key
+def embedding_columns(keys: Sequence[str]) -> list[str]:
+    """The column names of strategies' embeddings: ``embedding`` for a single strategy,
+    else each strategy as given (Parquet output, ``hiddenpool.ray.encode_dataset``)."""
+    return ["embedding"] if len(keys) == 1 else list(keys)
 
 
 def _empty(keys: Sequence[str], widths: dict[str, int] | None) -> dict[str, np.ndarray]:

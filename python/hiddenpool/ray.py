@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from hiddenpool.corpus import fixed_size_lists
+from hiddenpool.corpus import embedding_columns, fixed_size_lists
 from hiddenpool.strategy import Strategy
 from hiddenpool.tokens import DEFAULT_MAX_BATCH_TOKENS
 
@@ -75,7 +75,7 @@ def encode_dataset(
     >>> ray.shutdown()
     """
     ray = _ray()
-    strategies, keys = _checked_strategies(strategy)
+    keys = _checked_strategies(strategy)
     for name, value in (("batch_size", batch_size), ("cpus_per_actor", cpus_per_actor)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
@@ -94,7 +94,7 @@ def encode_dataset(
     if names is not None and column not in names:
         raise ValueError(f"column: {column!r} is not a column of the dataset ({names})")
     if names is not None:
-        clashes = [name for name in _output_names(keys) if name in names]
+        clashes = [name for name in embedding_columns(keys) if name in names]
         if clashes:
             raise ValueError(
                 f"dataset: already has column(s) {clashes} that the embeddings would take"
@@ -112,7 +112,6 @@ def encode_dataset(
         )
     settings = {
         "model": path,
-        "strategies": strategies,
         "keys": keys,
         "column": column,
         "threads": cpus_per_actor,
@@ -136,10 +135,10 @@ def encode_dataset(
 
 def _checked_strategies(
     strategy: str | Strategy | Sequence[str | Strategy] | None,
-) -> tuple[list[str], list[str]]:
-    """Strategies as strings for the actors, and the keys they come back under."""
+) -> list[str]:
+    """The strategies as strings for the actors: the keys their results come back under."""
     if strategy is None:
-        return ["model"], ["model"]
+        return ["model"]
     given = [strategy] if isinstance(strategy, (str, Strategy)) else list(strategy)
     if not given:
         raise ValueError("strategy: empty list of strategies")
@@ -152,11 +151,7 @@ def _checked_strategies(
         keys.append(item if isinstance(item, str) else str(item))
     if len(set(keys)) != len(keys):
         raise ValueError(f"strategy: listed twice in {keys}")
-    return keys, keys
-
-
-def _output_names(keys: Sequence[str]) -> list[str]:
-    return ["embedding"] if len(keys) == 1 else list(keys)
+    return keys
 
 
 def _column_names(dataset: Any) -> list[str] | None:
@@ -194,7 +189,7 @@ class _EncodeBatches:
             options["device"] = "cpu"
         self.encoder = Encoder.from_pretrained(settings["model"], **options)
         self.settings = settings
-        self.encoder.check([key for key in settings["strategies"] if key != "model"] or "mean@last")
+        self.encoder.check([key for key in settings["keys"] if key != "model"] or "mean@last")
 
     def __call__(self, table: Any) -> Any:
         settings = self.settings
@@ -205,10 +200,8 @@ class _EncodeBatches:
                 raise TypeError(
                     f"column {column!r}: a value is not a string ({text!r}) at batch row {index}"
                 )
-        result = self.encoder.encode(
-            texts, settings["strategies"], progress=False, **settings["options"]
-        )
-        for name, key in zip(_output_names(settings["keys"]), settings["keys"], strict=True):
+        result = self.encoder.encode(texts, settings["keys"], progress=False, **settings["options"])
+        for name, key in zip(embedding_columns(settings["keys"]), settings["keys"], strict=True):
             table = table.append_column(name, fixed_size_lists(result[key]))
         _die_if_asked()
         return table
