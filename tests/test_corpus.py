@@ -237,10 +237,19 @@ def test_tokens_and_words_to_json_lines_and_npz(tmp_path, tiny_bert_folder, enco
         (["--id-column", "key"], "--id-column: .npy and .npz hold no ids; write .parquet"),
         (["--address", "x:1"], "--address: applies to --ray"),
         (["--chunk-size", "0"], "--chunk-size must be a positive integer"),
-        (["--tokens", "--layers", "last9:mean"], "layers: 'last9:mean'"),
+        (["--tokens", "--layers", "last9:mean"], "--layers 'last9:mean': strategy first@last9"),
+        (["--tokens", "--layers", "bogus"], "--layers 'bogus': strategy: malformed layer spec"),
+        (["--words", "--word-pool", "median"], "--word-pool 'median': strategy: unknown pool"),
+        (["--words", "--word-pool", "mean+max"], "--word-pool 'mean+max': one pool of"),
     ],
 )
-def test_bad_options_are_one_line_errors(tmp_path, tiny_bert_folder, extra, message, run_cli):
+def test_bad_options_are_one_line_errors(
+    tmp_path, tiny_bert_folder, extra, message, run_cli, monkeypatch
+):
+    def refuse_to_load(*arguments, **options):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "_load_encoder", refuse_to_load)
     paths = write_inputs(tmp_path)
     output = tmp_path / ("out.jsonl" if "--tokens" in extra or "--words" in extra else "out.npy")
     result = encode(

@@ -219,3 +219,5 @@ def test_chunk_errors_name_the_chunk(minilm):
         minilm.encode_chunks(text, chunk_tokens=3, strategy="eos@last")
     with pytest.raises(ValueError, match=r"layers: 'last9:mean': .*needs 9 hidden states"):
         minilm.encode_tokens(["a"], "last9:mean")
+    with pytest.raises(ValueError, match=r"pool: 'median': strategy: unknown pool 'median'"):
+        minilm.encode_words(["a"], "median")

@@ -144,6 +144,9 @@ def _preflight(arguments: argparse.Namespace, strategies: Sequence[str] = ()) ->
             try:
                 Strategy.parse(strategy).resolve_layers(count)
             except ValueError as error:
+                layers = getattr(arguments, "layers", None)
+                if layers is not None and (arguments.tokens or arguments.words):
+                    raise UsageError(f"--layers {layers!r}: {error}") from None
                 raise UsageError(str(error)) from None
     return model
 
@@ -668,7 +671,7 @@ def _encode(arguments: argparse.Namespace) -> int:
         id_column=arguments.id_column,
         chunk_size=arguments.chunk_size,
     )
-    model = _preflight(arguments, strategies if mode == "pooled" else ())
+    model = _preflight(arguments, strategies)
     encoder, model_name = _load_encoder(arguments, model)
     if mode == "pooled":
         _check_against_model(encoder, arguments, strategies)
@@ -700,7 +703,32 @@ def _encode_strategies(arguments: argparse.Namespace, mode: str) -> list[str]:
         raise UsageError("--word-pool: applies to --words")
     if arguments.normalize:
         raise UsageError(f"--normalize: applies to pooled embeddings, not --{mode}")
-    return []
+    pool_name, layers = _span_options(arguments, mode)
+    return [f"{pool_name}@{layers}"]
+
+
+def _span_options(arguments: argparse.Namespace, mode: str) -> tuple[str, str]:
+    """``--tokens``/``--words``' pool (``first`` for tokens) and layers, their syntax
+    checked here (the layer count against the model's files in _preflight), before
+    anything loads."""
+    from hiddenpool.strategy import Strategy
+
+    pool_name = (arguments.word_pool or "mean") if mode == "words" else "first"
+    layers = arguments.layers or "last"
+    try:
+        parsed = Strategy.parse(f"{pool_name}@last")
+    except ValueError as error:
+        raise UsageError(f"--word-pool {pool_name!r}: {error}") from None
+    if len(parsed.pools) != 1 or "eos" in parsed.pools:
+        raise UsageError(
+            f"--word-pool {pool_name!r}: one pool of first, last, mean, max (or sum, "
+            "mean_sqrt_len, weighted_mean); eos finds one token per text"
+        )
+    try:
+        Strategy.parse(f"{pool_name}@{layers}")
+    except ValueError as error:
+        raise UsageError(f"--layers {layers!r}: {error}") from None
+    return pool_name, layers
 
 
 def _encode_pooled(
@@ -737,11 +765,10 @@ def _encode_spans(
     encoder: Any, arguments: argparse.Namespace, mode: str, chunks: Any
 ) -> tuple[int, int]:
     """``--tokens`` / ``--words``: per-text vectors chunk by chunk into JSON lines or .npz."""
-    layers = arguments.layers or "last"
-    pool_name = arguments.word_pool or "mean"
+    pool_name, layers = _span_options(arguments, mode)
     options = {"batch_size": arguments.batch_size, "max_batch_tokens": arguments.max_batch_tokens}
-    # Checked on the model before the output is opened.
-    probe = encoder._layer_strategy(pool_name if mode == "words" else "first", layers)
+    # Checked on the model (an ONNX graph may lack the layers) before the output is opened.
+    probe = encoder._layer_strategy(pool_name, layers)
     width = encoder.encode([], probe).shape[1]
     writer = corpus.SpanWriter(arguments.output)
     try:

@@ -364,6 +364,10 @@ class Encoder:
         if not isinstance(layers, str):
             raise TypeError(f"layers: expected a layer spec like 'last', got {layers!r}")
         try:
+            Strategy.parse(f"{pool_name}@last")
+        except ValueError as error:
+            raise ValueError(f"pool: {pool_name!r}: {error}") from None
+        try:
             parsed = Strategy.parse(f"{pool_name}@{layers}")
             self.check(parsed)
         except ValueError as error:
