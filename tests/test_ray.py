@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import warnings
 
 import numpy as np
@@ -185,9 +186,16 @@ def test_cli_writes_one_parquet_per_shard_and_resumes(
 def test_cli_refuses_bad_shards_before_starting_ray(tiny_bert_folder, tmp_path):
     text_file = tmp_path / "texts.txt"
     text_file.write_text("a cat\n")
+    shard = tmp_path / "shard.jsonl"
+    shard.write_text('{"text": "a cat"}\n')
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # a port nothing listens on (bound, never listening)
+    address = f"127.0.0.1:{closed.getsockname()[1]}"
     for extra, message in (
         (["--input", str(tmp_path / "none-*.jsonl")], "matches no file"),
         (["--input", str(text_file)], "--ray reads .jsonl and .parquet shards"),
+        (["--input", str(shard), "--address", address], "no Ray cluster answers there"),
+        (["--input", str(shard), "--address", "nonsense"], "expected HOST:PORT"),
     ):
         result = run_cli(
             "encode",
@@ -201,3 +209,5 @@ def test_cli_refuses_bad_shards_before_starting_ray(tiny_bert_folder, tmp_path):
         assert result.returncode == 2
         assert message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists()
+    closed.close()

@@ -81,6 +81,8 @@ def encode_shards(arguments: argparse.Namespace) -> int:
         import ray
     except ImportError:
         raise _Usage("--ray: needs Ray Data: pip install 'hiddenpool[ray]'") from None
+    if not ray.is_initialized():
+        _check_address(arguments.address)
     os.makedirs(folder, exist_ok=True)
     import logging
 
@@ -100,6 +102,23 @@ def encode_shards(arguments: argparse.Namespace) -> int:
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _check_address(address: str | None) -> None:
+    """Something answers at ``--address`` (``HOST:PORT`` or ``ray://HOST:PORT``): ray.init
+    waits for minutes on an address where nothing listens, so a TCP connection is tried
+    first, for a few seconds."""
+    import socket
+
+    if address is None or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise _Usage(f"--address {address}: expected HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        raise _Usage(f"--address {address}: no Ray cluster answers there ({error})") from None
 
 
 def _check_columns(shard: str, column: str, id_column: str | None) -> None:
