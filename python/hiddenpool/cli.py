@@ -662,6 +662,8 @@ def _encode(arguments: argparse.Namespace) -> int:
     else:
         extensions = (".npy", ".npz", ".parquet")
     _check_output("--output", output, extensions)
+    if output.lower().endswith(".parquet"):
+        corpus.pyarrow_parquet("--output: Parquet output")  # before the model loads
     if arguments.id_column and output.lower().endswith((".npy", ".npz")) and mode == "pooled":
         raise UsageError("--id-column: .npy and .npz hold no ids; write .parquet")
     chunks = corpus.read_chunks(

@@ -217,7 +217,7 @@ def _csv_records(path: str, name: str, id_column: str | None) -> Iterator[tuple[
 def _parquet_records(
     path: str, name: str, id_column: str | None, chunk_size: int
 ) -> Iterator[tuple[Any, str]]:
-    parquet = _pyarrow_parquet("Parquet input")
+    parquet = pyarrow_parquet("Parquet input")
     try:
         source = parquet.ParquetFile(path)
     except Exception as error:  # pyarrow raises its own ArrowInvalid and OSError kinds
@@ -239,11 +239,14 @@ def _parquet_records(
         row += len(texts)
 
 
-def _pyarrow_parquet(what: str) -> Any:
+def pyarrow_parquet(what: str) -> Any:
+    """``pyarrow.parquet``, or a CorpusError saying ``what`` needs it."""
     try:
         import pyarrow.parquet as parquet
     except ImportError:
-        raise CorpusError(f"{what} needs pyarrow: pip install 'hiddenpool[parquet]'") from None
+        raise CorpusError(
+            f'{what} needs pyarrow: pip install ".[parquet]" in a hiddenpool checkout'
+        ) from None
     return parquet
 
 
@@ -368,7 +371,7 @@ class EmbeddingWriter:
         if not lower.endswith((".npy", ".npz", ".parquet")):
             raise CorpusError(f"{path}: expected .npy, .npz or .parquet")
         if lower.endswith(".parquet"):
-            _pyarrow_parquet("Parquet output")
+            pyarrow_parquet("Parquet output")
         self.path = path
         self.keys = list(keys)
         self.id_name = id_name

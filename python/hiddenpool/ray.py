@@ -4,7 +4,8 @@ Each actor of a fixed-size pool loads the Encoder once (an ONNX folder made by
 ``hiddenpool export`` runs on ONNX Runtime, any other model on transformers/torch) and
 encodes the batches sent to it with as many threads as it has CPUs, so actors never
 oversubscribe the cores. A killed actor is restarted by Ray and its batch retried, so rows
-are neither lost nor duplicated. Needs the ``ray`` extra: ``pip install 'hiddenpool[ray]'``.
+are neither lost nor duplicated. Needs the ``ray`` extra (``pip install ".[ray]"`` in a
+hiddenpool checkout).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def _ray() -> Any:
         import ray
         import ray.data
     except ImportError:
-        raise ImportError("hiddenpool.ray needs Ray Data: pip install 'hiddenpool[ray]'") from None
+        raise ImportError(
+            'hiddenpool.ray needs Ray Data: pip install ".[ray]" in a hiddenpool checkout'
+        ) from None
     return ray
 
 

@@ -80,7 +80,9 @@ def encode_shards(arguments: argparse.Namespace) -> int:
     try:
         import ray
     except ImportError:
-        raise _Usage("--ray: needs Ray Data: pip install 'hiddenpool[ray]'") from None
+        raise _Usage(
+            '--ray: needs Ray Data: pip install ".[ray]" in a hiddenpool checkout'
+        ) from None
     if not ray.is_initialized():
         _check_address(arguments.address)
     os.makedirs(folder, exist_ok=True)
