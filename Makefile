@@ -56,6 +56,8 @@ lint: build
 	ruff format --check python tests benches scripts
 	mypy
 	python -m mypy.stubtest hiddenpool._native
+	# The layers and the torch-free paths (pyproject.toml's [tool.importlinter]).
+	lint-imports
 
 # The tests, then every docstring example in the package (`--doctest-modules`).
 python-test: build

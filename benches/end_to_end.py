@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 import hiddenpool
-from hiddenpool import evaluate
 from hiddenpool.encoder import Encoder
+from hiddenpool.evaluation import evaluate
 from hiddenpool.export import export_onnx
-from hiddenpool.tokens import DEFAULT_MAX_BATCH_TOKENS, plan_batches
+from hiddenpool.runners.tokens import DEFAULT_MAX_BATCH_TOKENS, plan_batches
 
 STSB_DEV = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "stsb", "sts-dev.csv"

@@ -83,7 +83,7 @@ def inside(threads: int, repeat: int) -> int:
     from sentence_transformers import SentenceTransformer
 
     import hiddenpool
-    from hiddenpool import evaluate
+    from hiddenpool.evaluation import evaluate
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(threads)

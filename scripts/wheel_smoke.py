@@ -14,7 +14,7 @@ np.testing.assert_array_equal(result, expected)
 print("wheel smoke test passed:", hiddenpool.__file__)
 
 # The package data the CLI's defaults read ships inside the wheel.
-from hiddenpool import evaluate  # noqa: E402
+from hiddenpool.evaluation import evaluate  # noqa: E402
 
 pairs = evaluate.read_pairs(evaluate.default_data_path())
 assert len(pairs.scores) >= 36, len(pairs.scores)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import tiny_models
 from hiddenpool.encoder import Encoder
-from hiddenpool.tokens import Tokenized, pad_batch, plan_batches
+from hiddenpool.runners.tokens import Tokenized, pad_batch, plan_batches
 
 
 @settings(max_examples=300, deadline=None)

@@ -11,8 +11,9 @@ import pytest
 
 import tiny_models
 from cli_runner import run_cli
-from hiddenpool import cli, evaluate
+from hiddenpool import cli
 from hiddenpool.encoder import Encoder
+from hiddenpool.evaluation import evaluate
 
 SHARED_STSB = os.path.join(
     os.path.dirname(__file__), "..", "..", "shared", "data", "stsb", "sts-dev.csv"
@@ -248,7 +249,7 @@ def test_encode_several_strategies_to_npz_and_errors(tiny_bert_folder, tmp_path)
 
 def test_interrupted_encode_leaves_no_partial_output(tiny_bert_folder, tmp_path, monkeypatch):
     """Ctrl-C after some chunks were written: no output, no temporary left behind."""
-    from hiddenpool import corpus
+    from hiddenpool.io import corpus
 
     source = write(tmp_path / "in.txt", "the cat\n" * 10)
     output = tmp_path / "out.npy"

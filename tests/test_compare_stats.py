@@ -15,8 +15,8 @@ from scipy import stats
 
 import tiny_models
 from cli_runner import run_cli
-from hiddenpool import bootstrap, evaluate, retrieval
 from hiddenpool.encoder import Encoder
+from hiddenpool.evaluation import bootstrap, evaluate, retrieval
 
 STSB_DEV = os.path.join(
     os.path.dirname(__file__), "..", "..", "shared", "data", "stsb", "sts-dev.csv"

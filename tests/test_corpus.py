@@ -16,7 +16,8 @@ import pyarrow.parquet as parquet
 import pytest
 
 import tiny_models
-from hiddenpool import Encoder, cli, corpus
+from hiddenpool import Encoder, cli
+from hiddenpool.io import corpus
 
 # Nine texts (an empty one among them), so chunks of 2, 3 and 4 end in a partial chunk.
 TEXTS = [*tiny_models.TEXTS, "the bird sings in the tree", "a small red apple"]

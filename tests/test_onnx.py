@@ -16,10 +16,10 @@ import torch
 
 import hiddenpool
 import tiny_models
-from hiddenpool import evaluate
 from hiddenpool.encoder import Encoder
+from hiddenpool.evaluation import evaluate
 from hiddenpool.export import export_onnx, source_pooling
-from hiddenpool.onnx_runner import MANIFEST, OnnxRunner
+from hiddenpool.runners.onnx_runner import MANIFEST, OnnxRunner
 
 pytest.importorskip("onnxruntime")
 

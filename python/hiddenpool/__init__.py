@@ -7,6 +7,7 @@
 """
 
 from hiddenpool._native import get_num_threads, set_num_threads
+from hiddenpool._version import __version__
 from hiddenpool.encoder import Encoder, TokenReport
 from hiddenpool.export import export_onnx
 from hiddenpool.ops import (
@@ -27,12 +28,11 @@ from hiddenpool.ops import (
 )
 from hiddenpool.strategy import Strategy
 
-__version__ = "0.1.0"
-
 __all__ = [
     "Encoder",
     "Strategy",
     "TokenReport",
+    "__version__",
     "cls",
     "eos",
     "export_onnx",

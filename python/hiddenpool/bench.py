@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-import hiddenpool
+from hiddenpool import _native, ops
 
 try:
     import torch
@@ -81,12 +81,12 @@ def bytes_read(inputs: Inputs, operation: str) -> int:
 def ours(inputs: Inputs, operation: str) -> Callable[[], object]:
     mask, layers = inputs.mask, inputs.layers
     if operation in ("mean", "max", "first", "last"):
-        return lambda: hiddenpool.pool(inputs.last, mask, f"{operation}@last")
+        return lambda: ops.pool(inputs.last, mask, f"{operation}@last")
     if operation == "eos":
-        return lambda: hiddenpool.pool(
+        return lambda: ops.pool(
             inputs.last, mask, "eos@last", input_ids=inputs.input_ids, eos_token_id=EOS
         )
-    return lambda: hiddenpool.pool(layers, mask, operation)
+    return lambda: ops.pool(layers, mask, operation)
 
 
 def _bmm_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -240,7 +240,7 @@ def table(
             raise ValueError(f"{name}: expected a positive integer, got {value}")
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    hiddenpool.set_num_threads(threads)
+    _native.set_num_threads(threads)
     lines = [
         "| shape | dtype | operation | ours | peer | peer time | ours vs peer | GB/s "
         "| floor | ours / floor |",

@@ -1,7 +1,7 @@
 """Texts to pooled embeddings: tokenize once, batch by a token budget, run a model, pool
 with hiddenpool's kernels, restore input order.
 
-The model runs behind a runner (``hiddenpool.runner``): transformers on torch
+The model runs behind a runner (``hiddenpool.runners.base``): transformers on torch
 (``TorchRunner``) or ONNX Runtime (``OnnxRunner``, which imports neither torch nor
 transformers). Both share this module's tokenization, batching, truncation counting,
 progress and output, so they give the same rows for the same model.
@@ -21,21 +21,21 @@ from typing import Any, Literal
 import numpy as np
 
 from hiddenpool.ops import StrategyLike, pool, pool_spans, without_leading_tokens
-from hiddenpool.runner import Family, Runner, needed_states
-from hiddenpool.sentence_transformers import Pipeline, normalize_rows
+from hiddenpool.pipelines import Pipeline, normalize_rows
+from hiddenpool.runners.base import Family, Runner, needed_states
+from hiddenpool.runners.tokens import (
+    DEFAULT_MAX_BATCH_TOKENS,
+    TokenBatch,
+    Tokenized,
+    pad_batch,
+    plan_batches,
+)
 from hiddenpool.strategy import Strategy, strategy_list
 from hiddenpool.text_spans import (
     StitchedStates,
     chunk_token_spans,
     late_chunking_windows,
     word_spans,
-)
-from hiddenpool.tokens import (
-    DEFAULT_MAX_BATCH_TOKENS,
-    TokenBatch,
-    Tokenized,
-    pad_batch,
-    plan_batches,
 )
 
 Backend = Literal["auto", "torch", "onnx"]
@@ -81,7 +81,7 @@ class Encoder:
         max_length: int | None = None,
         project: bool = False,
     ) -> None:
-        from hiddenpool.torch_runner import TorchRunner
+        from hiddenpool.runners.torch_runner import TorchRunner
 
         self.runner = TorchRunner(model, tokenizer, max_length=max_length, project=project)
         self.pipeline: Pipeline | None = None
@@ -89,9 +89,9 @@ class Encoder:
 
     @classmethod
     def from_runner(cls, runner: Runner, pipeline: Pipeline | None = None) -> Encoder:
-        """An encoder on any runner (``hiddenpool.runner.Runner``); ``pipeline`` is what the
+        """An encoder on any runner (``hiddenpool.runners.base.Runner``); ``pipeline`` is what the
         ``"model"`` strategy runs (a sentence-transformers folder's pooling, Dense layers and
-        Normalize, ``hiddenpool.sentence_transformers.read_pipeline``)."""
+        Normalize, ``hiddenpool.pipelines.read_pipeline``)."""
         encoder = cls.__new__(cls)
         encoder.runner = runner
         encoder.pipeline = pipeline
@@ -131,7 +131,7 @@ class Encoder:
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize: expected None or 'int8', got {quantize!r}")
         path = os.fspath(name_or_path)
-        from hiddenpool.onnx_runner import OnnxRunner, is_onnx_folder
+        from hiddenpool.runners.onnx_runner import OnnxRunner, is_onnx_folder
 
         onnx_folder = os.path.isdir(path) and is_onnx_folder(path)
         if backend == "torch" and onnx_folder and not _has_torch_weights(path):
@@ -157,7 +157,7 @@ class Encoder:
             return cls.from_runner(runner, _pipeline_of(folder, project))
         if quantize is not None:
             raise ValueError("quantize: applies to the ONNX backend only (backend='onnx')")
-        from hiddenpool.torch_runner import load
+        from hiddenpool.runners.torch_runner import load
 
         runner = load(
             path,
@@ -198,7 +198,7 @@ class Encoder:
 
     @property
     def backend(self) -> Literal["torch", "onnx"]:
-        from hiddenpool.onnx_runner import OnnxRunner
+        from hiddenpool.runners.onnx_runner import OnnxRunner
 
         return "onnx" if isinstance(self.runner, OnnxRunner) else "torch"
 
@@ -722,7 +722,7 @@ def _is_model(strategy: StrategyLike) -> bool:
 def _pipeline_of(folder: str, project: bool) -> Pipeline | None:
     """A folder's sentence-transformers pipeline (None without one, or for CLIP with its
     projection, which replaces the pipeline's head)."""
-    from hiddenpool.sentence_transformers import read_pipeline
+    from hiddenpool.pipelines import read_pipeline
 
     if project or not os.path.isdir(folder):
         return None
@@ -747,7 +747,7 @@ def runs_on_onnx(path: str, backend: Backend) -> bool:
     transformers weights; a folder holding both weights and someone else's ``model.onnx``
     (most sentence-transformers folders) runs on torch, where every layer is available,
     unless ``backend="onnx"`` asks for its graph."""
-    from hiddenpool.onnx_runner import MANIFEST, is_onnx_folder
+    from hiddenpool.runners.onnx_runner import MANIFEST, is_onnx_folder
 
     if backend != "auto":
         return backend == "onnx"
@@ -773,13 +773,13 @@ def _cached_export(path: str, quantize: Literal["int8"] | None, project: bool) -
     """The ONNX export of the transformers model at ``path`` in the cache, made on first
     use. The key covers the folder's files (names, sizes, modification times), the
     options and hiddenpool's version, so a changed model or release exports again."""
-    import hiddenpool
+    from hiddenpool._version import __version__
     from hiddenpool.export import export_onnx
-    from hiddenpool.onnx_runner import MANIFEST
+    from hiddenpool.runners.onnx_runner import MANIFEST
 
     digest = hashlib.sha256()
     source = os.path.abspath(path)
-    digest.update(f"{source}|{quantize}|{project}|{hiddenpool.__version__}".encode())
+    digest.update(f"{source}|{quantize}|{project}|{__version__}".encode())
     if os.path.isdir(source):
         for root, _, files in sorted(os.walk(source)):
             for name in sorted(files):

@@ -26,10 +26,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from hiddenpool.onnx_runner import FORMAT, MANIFEST, Manifest, state_output
-from hiddenpool.runner import decoder_positions
-from hiddenpool.sentence_transformers import Pipeline
-from hiddenpool.tokens import TokenBatch, pad_batch
+from hiddenpool.pipelines import Pipeline
+from hiddenpool.runners.base import decoder_positions
+from hiddenpool.runners.onnx_runner import FORMAT, MANIFEST, Manifest, state_output
+from hiddenpool.runners.tokens import TokenBatch, pad_batch
 
 # Texts for checking an export: varied lengths, so the check batch has padding.
 _CHECK_TEXTS = ["a cat sat on the mat", "hi", "the quick brown fox jumps over the lazy dog"]
@@ -154,15 +154,17 @@ def _staging(output: str) -> Iterator[str]:
 def _torch_runner(model: Any, project: bool, max_length: int | None) -> tuple[Any, str]:
     import torch
 
-    from hiddenpool.encoder import Encoder
-    from hiddenpool.torch_runner import TorchRunner, load
+    from hiddenpool.runners.torch_runner import TorchRunner, load
 
-    if isinstance(model, Encoder):
-        if not isinstance(model.runner, TorchRunner):
+    # An Encoder (or anything else) that carries a runner exports through it: export sits
+    # below the Encoder and knows only runners.
+    carried = getattr(model, "runner", None)
+    if isinstance(model, TorchRunner) or carried is not None:
+        runner = model if isinstance(model, TorchRunner) else carried
+        if not isinstance(runner, TorchRunner):
             raise ValueError("model: this Encoder runs ONNX already; export its source model")
-        if project and not model.runner.projects:
+        if project and not runner.projects:
             raise ValueError("project: the Encoder was made without project=True")
-        runner = model.runner
         source = type(runner.model).__name__
     elif isinstance(model, (str, os.PathLike)):
         source = os.fspath(model)
@@ -176,7 +178,7 @@ def _torch_runner(model: Any, project: bool, max_length: int | None) -> tuple[An
         )
     else:
         raise TypeError(
-            "model: expected a model folder, a model name or an Encoder, got "
+            "model: expected a model folder, a model name, an Encoder or a TorchRunner, got "
             f"{type(model).__name__}"
         )
     if runner.device.type != "cpu" or next(runner.model.parameters()).dtype != torch.float32:
@@ -347,7 +349,7 @@ def _copy_pipeline(source: str, staging: str) -> Pipeline | None:
     module folder but the Transformer's), so ``"model"`` runs the same on the export; the
     pipeline they describe (None without modules.json). It is read first: a module
     hiddenpool cannot run stops the export here."""
-    from hiddenpool.sentence_transformers import read_pipeline
+    from hiddenpool.pipelines import read_pipeline
 
     pipeline = read_pipeline(source)
     if pipeline is None:
@@ -366,8 +368,8 @@ def _copy_pipeline(source: str, staging: str) -> Pipeline | None:
 
 def source_pooling(folder: str) -> dict[str, Any] | None:
     """A sentence-transformers folder's own pooling as ``{"strategy", "normalize"}`` (read
-    by ``hiddenpool.sentence_transformers.read_pipeline``); None without ``modules.json``."""
-    from hiddenpool.sentence_transformers import read_pipeline
+    by ``hiddenpool.pipelines.read_pipeline``); None without ``modules.json``."""
+    from hiddenpool.pipelines import read_pipeline
 
     return _pooling_summary(read_pipeline(folder))
 

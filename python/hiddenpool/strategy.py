@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+from hiddenpool.pooling_modes import config_pools
+
 POOLS = ("mean", "sum", "max", "mean_sqrt_len", "weighted_mean", "first", "last", "eos")
 POOL_ALIASES = {"cls": "first"}
 COMBINES = ("sum", "mean", "concat", "weighted")
@@ -126,9 +128,7 @@ class Strategy:
         >>> str(Strategy.from_sentence_transformers({"pooling_mode": "lasttoken"}))
         'last@last'
         """
-        from hiddenpool.sentence_transformers import pooling_strategy
-
-        return pooling_strategy(config)
+        return cls.parse("+".join(config_pools(config)) + "@last")
 
     def resolve_layers(self, state_count: int) -> list[int]:
         """Indices into ``state_count`` hidden states (index 0 = embeddings output when the

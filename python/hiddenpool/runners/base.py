@@ -13,8 +13,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from hiddenpool.runners.tokens import TextTokenizer, TokenBatch
 from hiddenpool.strategy import Strategy
-from hiddenpool.tokens import TextTokenizer, TokenBatch
 
 Family = Literal["encoder", "encoder-decoder", "clip", "decoder"]
 EosRule = Literal["first", "argmax"]

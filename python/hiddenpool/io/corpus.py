@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from hiddenpool.io.json_lines import read_json_lines
+
 # Texts per chunk: enough to fill many token-budget batches (the encoder sorts within a
 # chunk), few enough that a chunk's tokens and vectors are megabytes, not gigabytes.
 DEFAULT_CHUNK_SIZE = 8192
@@ -158,8 +160,6 @@ def _text(path: str, where: str, value: Any, name: str) -> str:
 
 
 def _json_lines_records(path: str, name: str, id_column: str | None) -> Iterator[tuple[Any, str]]:
-    from hiddenpool.evaluate import read_json_lines
-
     for row, (number, record) in enumerate(read_json_lines(path)):
         where = str(number)
         if not isinstance(record, dict):

@@ -24,9 +24,9 @@ from typing import Any, Literal
 import numpy as np
 
 from hiddenpool import _native
-from hiddenpool.runner import EosRule, Family, decoder_positions
+from hiddenpool.runners.base import EosRule, Family, decoder_positions
+from hiddenpool.runners.tokens import JsonTokenizer, TokenBatch
 from hiddenpool.strategy import Strategy
-from hiddenpool.tokens import JsonTokenizer, TokenBatch
 
 MANIFEST = "hiddenpool-onnx.json"
 FORMAT = 1

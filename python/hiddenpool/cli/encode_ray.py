@@ -8,20 +8,18 @@ are written, so a rerun skips the shards already done and redoes only the others
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import time
 import warnings
 from typing import Any
 
-from hiddenpool import corpus
+from hiddenpool.cli import checks
+from hiddenpool.cli.checks import UsageError
+from hiddenpool.cli.encode_options import EncodeOptions, encode_strategies
+from hiddenpool.io import corpus
 
 SHARD_SUFFIXES = (".jsonl", ".ndjson", ".parquet")
-
-
-class _Usage(ValueError):
-    """A bad argument; main() prints it on one line and exits 2."""
 
 
 def shard_paths(patterns: list[str]) -> list[str]:
@@ -30,17 +28,17 @@ def shard_paths(patterns: list[str]) -> list[str]:
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches:
-            raise _Usage(f"--input {pattern}: matches no file")
+            raise UsageError(f"--input {pattern}: matches no file")
         for path in matches:
             if not os.path.isfile(path):
-                raise _Usage(f"--input {path}: no such file")
+                raise UsageError(f"--input {path}: no such file")
             if not path.lower().endswith(SHARD_SUFFIXES):
-                raise _Usage(f"--input {path}: --ray reads .jsonl and .parquet shards")
+                raise UsageError(f"--input {path}: --ray reads .jsonl and .parquet shards")
             if os.path.abspath(path) not in (os.path.abspath(s) for s in shards):
                 shards.append(path)
     kinds = {path.lower().endswith(".parquet") for path in shards}
     if len(kinds) > 1:
-        raise _Usage("--input: mixes JSON-lines and Parquet shards; give one kind")
+        raise UsageError("--input: mixes JSON-lines and Parquet shards; give one kind")
     return shards
 
 
@@ -49,42 +47,40 @@ def output_for(shard: str, folder: str) -> str:
     return os.path.join(folder, stem + ".parquet")
 
 
-def encode_shards(arguments: argparse.Namespace) -> int:
-    from hiddenpool import cli
-
-    strategies = cli._encode_strategies(arguments, "pooled")
-    if arguments.tokens or arguments.words:
-        raise _Usage("--ray: writes pooled embeddings; --tokens and --words run without it")
-    if arguments.field is not None:
-        raise _Usage("--field: --ray takes the text column with --column")
-    shards = shard_paths(arguments.input)
-    folder = arguments.output
+def encode_shards(options: EncodeOptions) -> int:
+    strategies = encode_strategies(options, "pooled")
+    if options.tokens or options.words:
+        raise UsageError("--ray: writes pooled embeddings; --tokens and --words run without it")
+    if options.field is not None:
+        raise UsageError("--field: --ray takes the text column with --column")
+    shards = shard_paths(options.input)
+    folder = options.output
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise _Usage(f"--output {folder}: --ray writes a folder of Parquet files; not a file")
+        raise UsageError(f"--output {folder}: --ray writes a folder of Parquet files; not a file")
     parent = os.path.dirname(os.path.abspath(folder))
     if not os.path.isdir(parent):
-        raise _Usage(f"--output {folder}: the folder {parent} does not exist")
+        raise UsageError(f"--output {folder}: the folder {parent} does not exist")
     outputs = [output_for(shard, folder) for shard in shards]
     if len(set(outputs)) != len(outputs):
-        raise _Usage("--input: two shards share a file name; their outputs would collide")
+        raise UsageError("--input: two shards share a file name; their outputs would collide")
     pending = [(s, o) for s, o in zip(shards, outputs, strict=True) if not os.path.exists(o)]
     done = len(shards) - len(pending)
     if done:
         print(f"{done} of {len(shards)} shards already encoded in {folder}: skipped")
     if not pending:
         return 0
-    column = arguments.column or "text"
-    id_column = arguments.id_column
+    column = options.column or "text"
+    id_column = options.id_column
     _check_columns(pending[0][0], column, id_column)
-    model = cli._preflight(arguments, strategies)
+    model = checks.preflight(options, strategies)
     try:
         import ray
     except ImportError:
-        raise _Usage(
+        raise UsageError(
             '--ray: needs Ray Data: pip install ".[ray]" in a hiddenpool checkout'
         ) from None
     if not ray.is_initialized():
-        _check_address(arguments.address)
+        _check_address(options.address)
     os.makedirs(folder, exist_ok=True)
     import logging
 
@@ -94,13 +90,13 @@ def encode_shards(arguments: argparse.Namespace) -> int:
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(
-            address=arguments.address,
+            address=options.address,
             log_to_driver=False,
             include_dashboard=False,
             logging_level=logging.WARNING,
         )
     try:
-        return _run(arguments, ray, pending, model, strategies, column, id_column)
+        return _run(options, ray, pending, model, strategies, column, id_column)
     finally:
         if started_here:
             ray.shutdown()
@@ -116,11 +112,11 @@ def _check_address(address: str | None) -> None:
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
-        raise _Usage(f"--address {address}: expected HOST:PORT or ray://HOST:PORT")
+        raise UsageError(f"--address {address}: expected HOST:PORT or ray://HOST:PORT")
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as error:
-        raise _Usage(f"--address {address}: no Ray cluster answers there ({error})") from None
+        raise UsageError(f"--address {address}: no Ray cluster answers there ({error})") from None
 
 
 def _check_columns(shard: str, column: str, id_column: str | None) -> None:
@@ -136,7 +132,7 @@ def _check_columns(shard: str, column: str, id_column: str | None) -> None:
 
 
 def _run(
-    arguments: argparse.Namespace,
+    options: EncodeOptions,
     ray: Any,
     pending: list[tuple[str, str]],
     model: str,
@@ -146,7 +142,7 @@ def _run(
 ) -> int:
     import ray.data
 
-    from hiddenpool.ray import encode_dataset
+    from hiddenpool.integrations.ray import encode_dataset
 
     expected = {os.path.abspath(shard): corpus.count_records(shard) for shard, _ in pending}
     targets = {os.path.abspath(shard): output for shard, output in pending}
@@ -165,7 +161,7 @@ def _run(
         # Its warning about actors holding every CPU is about reads that need one; these
         # need none (above).
         warnings.filterwarnings("ignore", message="actors: .* hold all")
-        encoded = _encoded(arguments, encode_dataset, dataset, model, strategies, column)
+        encoded = _encoded(options, encode_dataset, dataset, model, strategies, column)
     writers: dict[str, _ShardWriter] = {}
     started = time.perf_counter()
     rows = 0
@@ -203,7 +199,7 @@ def _run(
 
 
 def _encoded(
-    arguments: argparse.Namespace,
+    options: EncodeOptions,
     encode_dataset: Any,
     dataset: Any,
     model: str,
@@ -215,13 +211,13 @@ def _encoded(
         model,
         strategies,
         column=column,
-        normalize=arguments.normalize,
-        actors=arguments.actors,
-        cpus_per_actor=arguments.cpus_per_actor or 1,
-        backend=arguments.backend,
-        max_batch_tokens=arguments.max_batch_tokens,
-        prompt=arguments.prompt,
-        include_prompt=False if arguments.exclude_prompt else None,
+        normalize=options.normalize,
+        actors=options.actors,
+        cpus_per_actor=options.cpus_per_actor or 1,
+        backend=options.backend,
+        max_batch_tokens=options.max_batch_tokens,
+        prompt=options.prompt,
+        include_prompt=options.include_prompt,
     )
 
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from hiddenpool.runner import EosRule, Family, decoder_positions
+from hiddenpool.runners.base import EosRule, Family, decoder_positions
+from hiddenpool.runners.tokens import TokenBatch, TransformersTokenizer
 from hiddenpool.strategy import Strategy
-from hiddenpool.tokens import TokenBatch, TransformersTokenizer
 
 
 def family_of(model: Any) -> Family:

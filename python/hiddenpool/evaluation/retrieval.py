@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from hiddenpool import bootstrap
-from hiddenpool.evaluate import TIE_LEVEL, DataError, _finite, read_json_lines
+from hiddenpool.evaluation import bootstrap
+from hiddenpool.evaluation.evaluate import TIE_LEVEL, _finite
+from hiddenpool.io.json_lines import DataError, read_json_lines
 
 METRICS = ("mrr@10", "recall@1", "recall@10", "ndcg@10")
 
@@ -133,7 +134,7 @@ class RetrievalComparison:
     results: list[RetrievalResult] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
-        from hiddenpool import __version__
+        from hiddenpool._version import __version__
 
         return {
             "task": "retrieval",

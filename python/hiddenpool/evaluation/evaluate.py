@@ -5,18 +5,20 @@ and rank strategies by Spearman correlation with the gold scores."""
 from __future__ import annotations
 
 import csv
-import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
 import numpy as np
 
-from hiddenpool.tokens import DEFAULT_MAX_BATCH_TOKENS
+# Re-exported: the data readers of this module and retrieval raise and use them.
+from hiddenpool.io.json_lines import DataError as DataError
+from hiddenpool.io.json_lines import read_json_lines as read_json_lines
+from hiddenpool.runners.tokens import DEFAULT_MAX_BATCH_TOKENS
 
 DEFAULT_STRATEGIES = [
     "mean@last",
@@ -41,23 +43,6 @@ class Pairs:
     scores: np.ndarray
     skipped: int = 0
     source: str = ""
-
-
-class DataError(ValueError):
-    """A data file that cannot be read as scored sentence pairs; names file and line."""
-
-
-def read_json_lines(path: str) -> Iterator[tuple[int, Any]]:
-    """``(line number, value)`` of each non-blank line of a JSON-lines file; a line that is
-    not JSON raises DataError naming file and line."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
 
 
 def default_data_path() -> str:
@@ -230,7 +215,7 @@ class Comparison:
 
     def as_json(self) -> dict[str, Any]:
         """The comparison as JSON-ready values; NaN (a constant side) becomes None."""
-        from hiddenpool import __version__
+        from hiddenpool._version import __version__
 
         return {
             "model": self.model,
@@ -274,7 +259,7 @@ def add_intervals(
 ) -> None:
     """Fills each result's 95% bootstrap interval of Spearman over pairs and its paired
     p-value against the best-scoring strategy, all on the same resamples."""
-    from hiddenpool import bootstrap
+    from hiddenpool.evaluation import bootstrap
 
     if resamples == 0 or not results:
         return

