@@ -17,6 +17,7 @@ import pytest
 
 import tiny_models
 from hiddenpool import Encoder, cli
+from hiddenpool.cli import checks
 from hiddenpool.io import corpus
 
 # Nine texts (an empty one among them), so chunks of 2, 3 and 4 end in a partial chunk.
@@ -250,7 +251,7 @@ def test_bad_options_are_one_line_errors(
     def refuse_to_load(*arguments, **options):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(cli, "_load_encoder", refuse_to_load)
+    monkeypatch.setattr(checks, "load_encoder", refuse_to_load)
     paths = write_inputs(tmp_path)
     output = tmp_path / ("out.jsonl" if "--tokens" in extra or "--words" in extra else "out.npy")
     result = encode(

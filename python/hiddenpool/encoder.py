@@ -218,6 +218,7 @@ class Encoder:
         timings: dict[str, float] | None = None,
         prompt: str | None = None,
         include_prompt: bool | None = None,
+        dimensions: int | None = None,
     ) -> Any:
         """Encodes ``texts`` into ``[N, D]`` float32 embeddings, in input order.
 
@@ -244,7 +245,42 @@ class Encoder:
         ``include_prompt=False`` does. The default, None, includes it unless the model's
         pipeline says ``include_prompt: false`` and ``"model"`` is among the strategies (then
         it is left out for every strategy of the call, which share one pooling mask).
+
+        ``dimensions=k`` keeps the first ``k`` values of each row (Matryoshka-style) and
+        scales them back to unit length where the rows were normalized (``normalize=True``,
+        or ``"model"`` with a Normalize module), as ``hiddenpool serve`` does; more than a
+        strategy's width is a ValueError.
         """
+        if dimensions is not None:
+            if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1:
+                raise ValueError(f"dimensions: expected a positive integer, got {dimensions!r}")
+            result = self.encode(
+                texts,
+                strategy,
+                batch_size=batch_size,
+                max_batch_tokens=max_batch_tokens,
+                normalize=normalize,
+                progress=progress,
+                output="numpy",
+                missing_eos=missing_eos,
+                layer_weights=layer_weights,
+                layer_scale=layer_scale,
+                timings=timings,
+                prompt=prompt,
+                include_prompt=include_prompt,
+            )
+            several = isinstance(result, dict)
+            rows = result if several else {"": result}
+            normalized = {
+                key: normalize
+                or (_is_model(key if several else str(strategy)) and self._normalizes())
+                for key in rows
+            }
+            cut = {
+                key: truncate_dimensions(value, dimensions, normalized[key])
+                for key, value in rows.items()
+            }
+            return self._finish(cut, list(cut), several, output, normalize=False)
         texts = _checked_texts(texts)
         _check_limits(batch_size, max_batch_tokens)
         if output not in ("numpy", "torch"):
@@ -262,7 +298,7 @@ class Encoder:
             pipeline = self._model_pipeline()
             if include_prompt is None and pipeline is not None and prompt is not None:
                 include_prompt = pipeline.include_prompt
-            inner = [self._model_strategy() if _is_model(item) else item for item in given]
+            inner = [self.model_strategy() if _is_model(item) else item for item in given]
             _, inner_keys, _ = strategy_list(list(dict.fromkeys(str(i) for i in inner)))
             pooled = self.encode(
                 texts,
@@ -530,7 +566,7 @@ class Encoder:
         pipeline = None
         if _is_model(strategy):
             pipeline = self._model_pipeline()
-            strategy = self._model_strategy()
+            strategy = self.model_strategy()
         parsed = Strategy.parse(strategy)
         if "eos" in parsed.pools:
             raise ValueError(f"strategy {strategy}: the eos pool finds one token per text")
@@ -580,7 +616,7 @@ class Encoder:
         """
         _, given = _given_strategies(strategy)
         if any(_is_model(item) for item in given):
-            given = [self._model_strategy() if _is_model(item) else item for item in given]
+            given = [self.model_strategy() if _is_model(item) else item for item in given]
         _, keys, parsed = strategy_list(given)
         for key, item in zip(keys, parsed, strict=True):
             if self.runner.projects and (len(item.pools) > 1 or item.combine == "concat"):
@@ -616,7 +652,11 @@ class Encoder:
             self._said_no_pipeline = True
         return self.pipeline
 
-    def _model_strategy(self) -> str:
+    def _normalizes(self) -> bool:
+        """Whether the model's own pipeline ends in Normalize."""
+        return self.pipeline is not None and self.pipeline.normalize
+
+    def model_strategy(self) -> str:
         """The pooling the ``"model"`` strategy runs before its Dense layers and Normalize."""
         return str(self.pipeline.strategy) if self.pipeline is not None else "mean@last"
 
@@ -641,7 +681,7 @@ class Encoder:
         ``prompt_tokens`` real tokens of each row are left out of pooling."""
         hidden = self.runner.run(batch, states)
         mask = without_leading_tokens(batch.mask, prompt_tokens) if prompt_tokens else batch.mask
-        eos_ids, eos_token_id = self._eos_inputs(batch.ids)
+        eos_ids, eos_token_id = self.eos_inputs(batch.ids)
         options: dict[str, Any] = {
             "input_ids": eos_ids,
             "eos_token_id": eos_token_id,
@@ -659,7 +699,7 @@ class Encoder:
                 timings[key] = timings.get(key, 0.0) + time.perf_counter() - started
         return {key: self.runner.finish(value) for key, value in pooled.items()}
 
-    def _eos_inputs(self, ids: np.ndarray) -> tuple[np.ndarray, int | None]:
+    def eos_inputs(self, ids: np.ndarray) -> tuple[np.ndarray, int | None]:
         """The ids and id the ``eos`` pool looks for. Old CLIP configs (eos_token_id 2) take
         the highest id in each row, as transformers does for them; a marker stands in."""
         if self.runner.eos_rule == "argmax":
@@ -705,6 +745,21 @@ class Encoder:
                     unknown += sum(1 for token in ids if token == unknown_id)
                 truncated += len(ids) + special > self.max_length
         return TokenReport(len(texts), tokens, unknown, truncated, self.max_length)
+
+
+def truncate_dimensions(rows: np.ndarray, dimensions: int, renormalize: bool) -> np.ndarray:
+    """The first ``dimensions`` values of each ``[N, D]`` row, scaled back to unit length
+    when ``renormalize`` (rows that were normalized before the cut); ValueError when
+    ``dimensions`` exceeds ``D``.
+
+    >>> truncate_dimensions(np.array([[0.6, 0.0, 0.8]], np.float32), 2, True)
+    array([[1., 0.]], dtype=float32)
+    """
+    width = rows.shape[1]
+    if dimensions > width:
+        raise ValueError(f"dimensions: {dimensions} is more than the embedding's {width} values")
+    cut = np.ascontiguousarray(rows[:, :dimensions], dtype=np.float32)
+    return normalize_rows(cut) if renormalize else cut
 
 
 def _given_strategies(

@@ -90,6 +90,17 @@ def _states_from(hidden_states: object) -> list[Any]:
     return [hidden_states]
 
 
+def state_list(hidden_states: object) -> list[Any]:
+    """Hidden states in any form ``pool`` reads (one array, a sequence, a ModelOutput) as a
+    list indexed like ``output_hidden_states`` (a ModelOutput's ``last_hidden_state`` in
+    the last place), so rows can be picked from each state.
+
+    >>> [state.shape for state in state_list(np.zeros((2, 3, 4)))]
+    [(2, 3, 4)]
+    """
+    return _states_from(hidden_states)
+
+
 def _describe(value: Any) -> str:
     shape = tuple(getattr(value, "shape", ()))
     return f"shape {list(shape)} and dtype {getattr(value, 'dtype', type(value).__name__)}"

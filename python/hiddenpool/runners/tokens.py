@@ -62,6 +62,11 @@ class TextTokenizer(Protocol):
         """Ids without special tokens and without truncation (for token reports)."""
         ...
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to vocab_size - 1 (added tokens included)."""
+        ...
+
     def special_count(self) -> int:
         """Special tokens added to a single text."""
         ...
@@ -121,6 +126,10 @@ class TransformersTokenizer:
 
     def plain_ids(self, texts: list[str]) -> list[Sequence[int]]:
         return list(self.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"])
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
 
     def special_count(self) -> int:
         return int(self.tokenizer.num_special_tokens_to_add(pair=False))
@@ -184,6 +193,10 @@ class JsonTokenizer:
 
     def plain_ids(self, texts: list[str]) -> list[Sequence[int]]:
         return [e.ids for e in self._plain.encode_batch(texts, add_special_tokens=False)]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer.get_vocab_size(with_added_tokens=True))
 
     def special_count(self) -> int:
         return len(self._plain.encode("").ids)
