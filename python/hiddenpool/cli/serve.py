@@ -5,10 +5,13 @@ bound; the server warms up, then prints the address it listens on."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import signal
 import socket
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from hiddenpool.cli import checks
@@ -186,28 +189,34 @@ def _run(
         timeout_keep_alive=5,
         lifespan="on",
     )
-    server = _Server(config, app)
+    server = _server(config, app)
     server.run(sockets=[sock])
-    if server.second_signal:
-        sys.exit(1)
 
 
-class _Server:
+def _server(config: Any, app: Any) -> Any:
     """uvicorn's Server with draining: the first SIGTERM/SIGINT turns /health to 503 and
-    lets requests in flight finish (up to --shutdown-timeout); a second exits at once."""
+    lets requests in flight finish (up to --shutdown-timeout), then the process exits 0
+    (uvicorn would re-raise the signal after a graceful stop); a second signal exits at
+    once with status 1."""
+    import uvicorn
 
-    def __new__(cls, config: Any, app: Any) -> Any:
-        import uvicorn
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            service = app.state.service
+            if service.draining:
+                print("hiddenpool serve: second signal, exiting now", file=sys.stderr)
+                os._exit(1)
+            service.draining = True
+            super().handle_exit(sig, frame)
 
-        class Server(uvicorn.Server):
-            second_signal = False
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            handled = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
-            def handle_exit(self, sig: int, frame: Any) -> None:
-                service = app.state.service
-                if service.draining:
-                    self.second_signal = True
-                    os._exit(1)
-                service.draining = True
-                super().handle_exit(sig, frame)
-
-        return Server(config)
+    return Server(config)

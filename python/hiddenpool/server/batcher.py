@@ -169,6 +169,11 @@ class Batcher:
                 if rows:
                     self._run_rows(rows)
         except BaseException as error:
+            # The worker must not die silently: say why, and fail what waits on it.
+            print(
+                f"hiddenpool serve: the model worker stopped: {type(error).__name__}: {error}",
+                file=sys.stderr,
+            )
             self._die(error)
 
     def _die(self, error: BaseException) -> None:
