@@ -49,8 +49,10 @@ def corpus(count: int, seed: int = 0) -> list[str]:
 class Server:
     """A running ``hiddenpool serve``; ``url`` is its loopback address."""
 
-    def __init__(self, *arguments: str) -> None:
-        environment = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    def __init__(self, *arguments: str, environment: dict[str, str] | None = None) -> None:
+        environment = dict(
+            os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", **(environment or {})
+        )
         environment.pop("HIDDENPOOL_API_KEY", None)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "hiddenpool", "serve", "--port", "0", *arguments],

@@ -31,6 +31,7 @@ class ServeOptions(ModelOptions):
     api_key: str | None = None
     served_model_name: str | None = None
     request_timeout: float = 60.0
+    read_timeout: float = 10.0
     shutdown_timeout: float = 30.0
     expose_paths: bool = False
 
@@ -74,6 +75,12 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
         help="seconds a request may take end to end; then 504 and its texts are dropped",
     )
     serve.add_argument(
+        "--read-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to send its whole body; slower clients get 408",
+    )
+    serve.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
@@ -111,6 +118,7 @@ def serve(options: ServeOptions) -> int:
         payload_limit=options.payload_limit,
         api_key=options.api_key or os.environ.get(API_KEY_VARIABLE) or None,
         request_timeout=options.request_timeout,
+        read_timeout=options.read_timeout,
         expose_paths=options.expose_paths,
     )
     shown = f"[{host}]" if ":" in host else host
@@ -141,6 +149,7 @@ def _check(options: ServeOptions) -> None:
         raise UsageError(f"--port {options.port}: expected 0 to 65535")
     for flag, value in (
         ("--request-timeout", options.request_timeout),
+        ("--read-timeout", options.read_timeout),
         ("--shutdown-timeout", options.shutdown_timeout),
     ):
         if not value > 0:

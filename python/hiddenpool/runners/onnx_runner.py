@@ -224,6 +224,7 @@ class OnnxRunner:
         self.projects = self.projection is not None
         self._session: Any = None
         self._threads = 0
+        self._spin = True
         session = self._current_session()
         self.input_names = [item.name for item in session.get_inputs()]
         self.input_types = {item.name: item.type for item in session.get_inputs()}
@@ -254,6 +255,19 @@ class OnnxRunner:
             wants_type_ids="token_type_ids" in self.input_names,
         )
 
+    @property
+    def spin(self) -> bool:
+        """Whether ONNX Runtime's threads spin between runs (its default: fastest for
+        back-to-back batches). False makes them sleep, for a process whose other threads
+        need the cores between runs (``hiddenpool serve``); the session is rebuilt."""
+        return self._spin
+
+    @spin.setter
+    def spin(self, value: bool) -> None:
+        if bool(value) != self._spin:
+            self._spin = bool(value)
+            self._session = None
+
     def _current_session(self) -> Any:
         threads = _native.get_num_threads()
         if self._session is None or threads != self._threads:
@@ -265,6 +279,11 @@ class OnnxRunner:
             options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
             options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
             options.log_severity_level = 3  # errors only
+            if not self._spin:
+                # Threads that sleep between runs instead of spinning: a server's event
+                # loop shares the cores with them (spinning threads took its CPU between
+                # small batches; benches/serve.py).
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._session = onnxruntime.InferenceSession(
                 self.graph_path, options, providers=["CPUExecutionProvider"]
             )

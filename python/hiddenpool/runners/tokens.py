@@ -263,6 +263,44 @@ def plan_batches(
     return batches
 
 
+def plan_batches_by_cost(
+    lengths: Sequence[int], max_batch_tokens: int, batch_cost: int = 64
+) -> list[list[int]]:
+    """Row indices grouped into batches that cost the fewest padded tokens, counting each
+    batch as ``batch_cost`` tokens more (a forward pass's fixed cost): the rows sorted by
+    length, longest first, cut where a shorter run of rows pays for a batch of its own.
+    Each batch stays within ``max_batch_tokens`` (a longer row alone). For a server whose
+    queue holds a few dozen texts of mixed lengths: padding them all to the longest doubled
+    the tokens computed (STS-B sentences, groups of 22-64), and splitting them by this cost
+    ran 1.4-1.8x faster (benches/serve.py). Exact (dynamic programming over the sorted
+    rows); quadratic in the rows, so meant for up to a few hundred.
+
+    >>> plan_batches_by_cost([30, 4, 5, 29, 6], max_batch_tokens=1024, batch_cost=16)
+    [[0, 3], [4, 2, 1]]
+    >>> plan_batches_by_cost([30, 4, 5, 29, 6], max_batch_tokens=1024, batch_cost=1000)
+    [[0, 3, 4, 2, 1]]
+    """
+    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
+    widths = [max(lengths[index], 1) for index in order]
+    count = len(widths)
+    best = [0.0] + [float("inf")] * count  # best[i]: the cheapest plan of the first i rows
+    start = [0] * (count + 1)
+    for end in range(1, count + 1):
+        for first in range(end - 1, -1, -1):
+            rows = end - first
+            if rows > 1 and rows * widths[first] > max_batch_tokens:
+                break
+            cost = best[first] + rows * widths[first] + batch_cost
+            if cost < best[end]:
+                best[end], start[end] = cost, first
+    batches: list[list[int]] = []
+    end = count
+    while end > 0:
+        batches.append(order[start[end] : end])
+        end = start[end]
+    return batches[::-1]
+
+
 def pad_batch(tokenized: Tokenized, rows: list[int], tokenizer: TextTokenizer) -> TokenBatch:
     """The texts at ``rows`` padded to their longest, on the tokenizer's padding side."""
     width = max(1, max(len(tokenized.ids[row]) for row in rows))

@@ -56,11 +56,20 @@ class ServerSettings:
     payload_limit: int = 2_000_000
     api_key: str | None = None
     request_timeout: float = 60.0
+    read_timeout: float = 10.0
     expose_paths: bool = False
 
 
-class _Busy(Exception):
-    """The concurrent-request limit is reached."""
+SWITCH_INTERVAL = 0.0002  # seconds; see the lifespan below
+# Requests up to this many characters are tokenized on the event loop (tens of
+# microseconds, less than the hand-over to a thread and back); longer ones in a thread, so
+# the loop never stalls on a large request.
+INLINE_TOKENIZE_CHARACTERS = 4096
+PLAN_CACHE = 1024  # distinct (strategies, prompt) plans kept
+
+
+def _characters(request: EmbedRequest) -> int:
+    return sum(len(item) for item in request.inputs) + len(request.prompt or "")
 
 
 class Service:
@@ -75,6 +84,8 @@ class Service:
         self.ready = False
         self.draining = False
         runner = encoder.runner
+        if hasattr(runner, "spin"):
+            runner.spin = False  # the event loop needs the cores between batches
         self.tokenizer = runner.tokenizer
         self.state_count = runner.state_count()
         lead, tail = self.tokenizer.special_frame()
@@ -86,6 +97,7 @@ class Service:
             os.path.basename(os.path.normpath(settings.model_path)),
         }
         self.default_strategies = [settings.strategy]
+        self._plans: dict[tuple[Any, ...], _Plan] = {}
         self.width = self._width(self.default_strategies)
 
     def _width(self, strategies: list[str]) -> int:
@@ -117,7 +129,18 @@ class Service:
 
     def resolve(self, request: EmbedRequest) -> _Plan:
         """The request's strategies as pooled keys (``model`` resolved), checked on the
-        model; errors name ``strategy``."""
+        model; errors name ``strategy``. Plans are remembered (parsing and checking cost
+        more than a one-text request's own work), up to PLAN_CACHE of them."""
+        key = (tuple(request.strategies or ()), request.prompt, request.include_prompt)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._resolve(request)
+            if len(self._plans) >= PLAN_CACHE:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def _resolve(self, request: EmbedRequest) -> _Plan:
         given = request.strategies or self.default_strategies
         outputs: list[tuple[str, str, bool]] = []
         for item in given:
@@ -313,6 +336,10 @@ def create_app(encoder: Any, settings: ServerSettings, announce: str | None = No
             try:
                 if name != "/health":
                     _authorize(request, settings.api_key)
+                if service.draining and request.method == "POST":
+                    raise RequestError(
+                        503, "server shutting down; retry on another instance", code="draining"
+                    )
                 response = await handler(request)
             except RequestError as error:
                 response = _json(error.body(), error.status, error.headers)
@@ -342,11 +369,29 @@ def create_app(encoder: Any, settings: ServerSettings, announce: str | None = No
             )
         chunks = []
         size = 0
-        async for chunk in request.stream():
+        deadline = time.perf_counter() + settings.read_timeout
+        while True:
+            remaining = deadline - time.perf_counter()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                message = await asyncio.wait_for(request.receive(), remaining)
+            except TimeoutError:
+                raise RequestError(
+                    408,
+                    f"body: not received whole within {settings.read_timeout:g} s (--read-timeout)",
+                    "body",
+                    headers={"Connection": "close"},
+                ) from None
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise RequestError(413, f"body: more than --payload-limit {limit} bytes", "body")
             chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
         return parse_json(b"".join(chunks))
 
     async def pooled(
@@ -354,7 +399,10 @@ def create_app(encoder: Any, settings: ServerSettings, announce: str | None = No
     ) -> tuple[dict[str, np.ndarray], Any, list[int], float]:
         started = time.perf_counter()
         plan = service.resolve(parsed)
-        tokenized, cut = await asyncio.to_thread(service.tokenize, parsed)
+        if _characters(parsed) <= INLINE_TOKENIZE_CHARACTERS:
+            tokenized, cut = service.tokenize(parsed)
+        else:
+            tokenized, cut = await asyncio.to_thread(service.tokenize, parsed)
         if cut and not parsed.truncate:
             raise RequestError(
                 422,
@@ -514,6 +562,7 @@ def create_app(encoder: Any, settings: ServerSettings, announce: str | None = No
                 "max_client_batch_size": settings.max_client_batch_size,
                 "payload_limit": settings.payload_limit,
                 "request_timeout": settings.request_timeout,
+                "read_timeout": settings.read_timeout,
             },
             "version": __version__,
         }
@@ -534,6 +583,10 @@ def create_app(encoder: Any, settings: ServerSettings, announce: str | None = No
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # The event loop and the worker take turns at the GIL: at Python's default switch
+        # interval (5 ms) a thread waiting for it waited up to 5 ms at every hand-over,
+        # which cost the worker more time than small batches' forward passes.
+        sys.setswitchinterval(SWITCH_INTERVAL)
         service.batcher.start()
         await asyncio.to_thread(service.warm_up)
         if announce is not None:
