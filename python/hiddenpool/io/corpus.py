@@ -47,6 +47,39 @@ class Chunk:
     texts: list[str]
 
 
+# The kinds of input file, as --format names them, with the extensions that mean them.
+FORMATS = {
+    "text": (".txt", ".text"),
+    "jsonl": (".jsonl", ".ndjson"),
+    "json": (".json",),
+    "csv": (".csv",),
+    "tsv": (".tsv",),
+    "parquet": (".parquet",),
+}
+
+
+def input_format(path: str, format: str | None = None) -> str:
+    """The kind of input file ``path`` is (a key of FORMATS): ``format`` when given, else
+    its extension's; a CorpusError for an extension that names none.
+
+    >>> input_format("notes.TXT"), input_format("rows.ndjson"), input_format("x.md", "text")
+    ('text', 'jsonl', 'text')
+    """
+    if format is not None:
+        if format not in FORMATS:
+            raise CorpusError(f"--format {format}: expected one of {', '.join(FORMATS)}")
+        return format
+    extension = os.path.splitext(path)[1].lower()
+    for name, extensions in FORMATS.items():
+        if extension in extensions:
+            return name
+    known = ", ".join(e for extensions in FORMATS.values() for e in extensions)
+    raise CorpusError(
+        f"--input {path}: {'no extension' if not extension else repr(extension)} is no kind of "
+        f"input hiddenpool reads ({known}); --format text reads it as plain text, a text a line"
+    )
+
+
 def read_chunks(
     path: str,
     *,
@@ -54,8 +87,14 @@ def read_chunks(
     column: str | None = None,
     id_column: str | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    format: str | None = None,
 ) -> Iterator[Chunk]:
     """The texts of ``path`` in chunks of at most ``chunk_size``.
+
+    The kind of file comes from its extension (``.txt``/``.text``: a text a line;
+    ``.jsonl``/``.ndjson``, ``.json``, ``.csv``, ``.tsv``, ``.parquet``), or from
+    ``format`` (one of FORMATS) when given; any other extension is refused rather than
+    read as text.
 
     ``field`` names the text field of JSON input, ``column`` the text column of CSV, TSV
     and Parquet (both default to ``text``); ``id_column`` names a field or column whose
@@ -71,7 +110,7 @@ def read_chunks(
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
-    lower = path.lower()
+    lower = "." + input_format(path, format)
     is_json = lower.endswith((".jsonl", ".ndjson", ".json"))
     is_table = lower.endswith((".csv", ".tsv", ".parquet"))
     if field is not None and not is_json:
@@ -92,7 +131,7 @@ def read_chunks(
         elif is_json:
             records = _json_lines_records(path, field or "text", id_column)
         elif lower.endswith((".csv", ".tsv")):
-            records = _csv_records(path, column or "text", id_column)
+            records = _csv_records(path, column or "text", id_column, tabs=lower == ".tsv")
         else:
             records = _line_records(path)
         # The first record is read now, so header errors come before any expensive work.
@@ -196,8 +235,10 @@ def _json_array_records(path: str, name: str, id_column: str | None) -> Iterator
             yield index, _text(path, where, record, name)
 
 
-def _csv_records(path: str, name: str, id_column: str | None) -> Iterator[tuple[Any, str]]:
-    delimiter = "\t" if path.lower().endswith(".tsv") else ","
+def _csv_records(
+    path: str, name: str, id_column: str | None, tabs: bool
+) -> Iterator[tuple[Any, str]]:
+    delimiter = "\t" if tabs else ","
     with open(path, encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
         header = reader.fieldnames or []

@@ -186,7 +186,10 @@ def load(
     import torch
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(path)
+    # hiddenpool never downloads: a name is looked up in the local Hugging Face cache only
+    # (transformers would otherwise retry the hub for half a minute before failing).
+    local = bool(model_kwargs.pop("local_files_only", True))
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=local)
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"dtype: unknown torch dtype {dtype!r}")
@@ -213,8 +216,8 @@ def load(
         )
     else:
         model_class = transformers.AutoModel
-    model = model_class.from_pretrained(path, **model_kwargs)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = model_class.from_pretrained(path, local_files_only=local, **model_kwargs)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=local)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)

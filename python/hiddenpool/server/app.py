@@ -153,8 +153,18 @@ class Service:
                 raise RequestError(422, str(error), "strategy") from None
             outputs.append((item, canonical, False))
         keys = list(dict.fromkeys(inner for _, inner, _ in outputs))
+        mix = self.encoder.model_mix() if any(m for _, _, m in outputs) else None
+        if mix is not None and any(
+            Strategy.parse(inner).combine == "weighted" for _, inner, m in outputs if not m
+        ):
+            raise RequestError(
+                422,
+                "strategy: a ':weighted' strategy needs layer weights, which requests do not "
+                "carry (the model's own learned mix is 'model')",
+                "strategy",
+            )
         try:
-            self.encoder.check(keys)
+            self.encoder.check(keys, layer_weights=None if mix is None else mix[0])
         except ValueError as error:
             raise RequestError(422, str(error), "strategy") from None
         parsed = [Strategy.parse(key) for key in keys]
@@ -167,7 +177,7 @@ class Service:
         prompt_tokens = 0
         if request.prompt is not None and include is False:
             prompt_tokens = self.tokenizer.prompt_tokens(request.prompt)
-        return _Plan(outputs, keys, states, prompt_tokens)
+        return _Plan(outputs, keys, states, prompt_tokens, mix)
 
     def tokenize(self, request: EmbedRequest) -> tuple[Tokenized, list[int]]:
         """The inputs' token ids (texts tokenized with the prompt before them; token-id
@@ -281,6 +291,7 @@ class _Plan:
     keys: list[str]
     states: frozenset[int]
     prompt_tokens: int
+    mix: tuple[list[float], float] | None = None  # the model pipeline's learned layer mix
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:
@@ -411,7 +422,14 @@ def create_app(encoder: Any, settings: ServerSettings, announce: str | None = No
                 "inputs",
             )
         service.metrics.truncated_texts.inc(len(cut))
-        job = PoolJob(tokenized, plan.keys, plan.states, prompt_tokens=plan.prompt_tokens)
+        job = PoolJob(
+            tokenized,
+            plan.keys,
+            plan.states,
+            prompt_tokens=plan.prompt_tokens,
+            layer_weights=None if plan.mix is None else tuple(plan.mix[0]),
+            layer_scale=1.0 if plan.mix is None else plan.mix[1],
+        )
         await service.run_pool(job, request)
         results: dict[str, np.ndarray] = {}
         pipeline = encoder.pipeline
