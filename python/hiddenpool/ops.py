@@ -349,6 +349,57 @@ def without_leading_tokens(attention_mask: Any, count: int) -> Any:
     return real & (rank > count)
 
 
+def keep_prompt_weights(
+    pooled: Any,
+    hidden_states: Any,
+    pooled_mask: Any,
+    full_mask: Any,
+    strategy: StrategyLike,
+    **options: Any,
+) -> Any:
+    """``strategy``'s rows pooled under ``pooled_mask`` (a prompt's leading tokens left
+    out of ``full_mask``), with each ``weighted_mean`` part made to weigh the pooled tokens
+    by their rank in ``full_mask``: the i-th real token weighs i whether or not the tokens
+    before it are pooled, as sentence-transformers' ``include_prompt=False`` keeps each
+    token's own weight. Other pools are returned as they are.
+
+    With ``n`` pooled tokens of rank ``o + 1 .. o + n`` (``o`` left out before them), the
+    weighted mean is ``(W * S + o * n * M) / (S + o * n)`` where ``W`` is the weighted
+    mean by rank among the pooled tokens, ``M`` their mean and ``S = n (n + 1) / 2``: exact,
+    from two pools the kernels already give. ``options`` are ``pool``'s (layer weights...).
+
+    >>> hidden = np.array([[[1.0], [3.0], [5.0]]], dtype=np.float32)
+    >>> full = np.ones((1, 3), dtype=np.int64)
+    >>> pooled_mask = without_leading_tokens(full, 1)
+    >>> rows = pool(hidden, pooled_mask, "weighted_mean")  # 4.333: ranks restarted
+    >>> keep_prompt_weights(rows, hidden, pooled_mask, full, "weighted_mean").round(4)
+    array([[4.2]], dtype=float32)
+    """
+    parsed = Strategy.parse(strategy) if isinstance(strategy, str) else strategy
+    if "weighted_mean" not in parsed.pools:
+        return pooled
+    text = str(parsed)
+    means = pool(hidden_states, pooled_mask, "mean@" + text.split("@", 1)[1], **options)
+    width = means.shape[1]
+    count = ((pooled_mask != 0) * 1.0).sum(1)
+    left_out = ((full_mask != 0) * 1.0).sum(1) - count
+    ranks = count * (count + 1) / 2
+    denominator = ranks + left_out * count
+    scale_weighted = (ranks / (denominator + (denominator == 0)))[:, None]
+    scale_mean = (left_out * count / (denominator + (denominator == 0)))[:, None]
+    pieces = []
+    for index, name in enumerate(parsed.pools):
+        part = pooled[:, index * width : (index + 1) * width]
+        if name == "weighted_mean":
+            part = part * scale_weighted + means * scale_mean
+        pieces.append(part)
+    if _is_torch(pooled):
+        import torch
+
+        return torch.cat([piece.to(pooled.dtype) for piece in pieces], dim=1)
+    return np.concatenate(pieces, axis=1).astype(pooled.dtype, copy=False)
+
+
 def _rows_text(rows: Sequence[int]) -> str:
     shown = ", ".join(str(row) for row in rows[:20])
     return shown + (f" and {len(rows) - 20} more" if len(rows) > 20 else "")

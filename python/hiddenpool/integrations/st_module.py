@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from sentence_transformers.base.modules.module import Module
 
-from hiddenpool.ops import pool, without_leading_tokens
+from hiddenpool.ops import keep_prompt_weights, pool, without_leading_tokens
 from hiddenpool.strategy import Strategy
 
 
@@ -125,12 +125,17 @@ class HiddenPooling(Module):
             mask = features.get("attention_mask")
             if mask is None or mask.shape[-1] != last.shape[1]:
                 mask = last.new_ones(last.shape[:2], dtype=_int64())
+        full_mask = mask
         if prompt:
             mask = without_leading_tokens(mask, prompt)
-        features["sentence_embedding"] = self._pool(states, mask, input_ids).to(last.dtype)
+        pooled = self._pool(states, mask, input_ids, full_mask if prompt else None)
+        features["sentence_embedding"] = pooled.to(last.dtype)
         return features
 
-    def _pool(self, states: list[Any], mask: Any, input_ids: Any) -> Any:
+    def _pool(self, states: list[Any], mask: Any, input_ids: Any, full_mask: Any = None) -> Any:
+        """The strategy's rows; with ``full_mask`` (a prompt left out of ``mask``), each
+        weighted mean keeps its tokens' ranks in the whole text, as the stock module
+        keeps their position weights."""
         last = states[-1]
         learning = self.mix_weights is not None and self.mix_weights.requires_grad
         torch_path = last.requires_grad or last.device.type != "cpu"
@@ -141,27 +146,26 @@ class HiddenPooling(Module):
             weights = self.mix_scale * self.mix_weights.softmax(dim=0)
             mixed = sum(weights[i] * states[index] for i, index in enumerate(chosen))
             pools = "+".join(self._parsed.pools)
-            return pool(
-                [mixed],
-                mask,
-                f"{pools}@last",
-                input_ids=input_ids,
-                eos_token_id=self._eos_token_id,
-                backend="torch",
+            mixed_options: dict[str, Any] = {
+                "input_ids": input_ids,
+                "eos_token_id": self._eos_token_id,
+                "backend": "torch",
+            }
+            rows = pool([mixed], mask, f"{pools}@last", **mixed_options)
+            if full_mask is None:
+                return rows
+            return keep_prompt_weights(
+                rows, [mixed], mask, full_mask, f"{pools}@last", **mixed_options
             )
         backend: Literal["auto", "torch"] = "torch" if torch_path else "auto"
         options: dict[str, Any] = {}
         if self.mix_weights is not None:
             options = {"layer_weights": self.layer_weights, "layer_scale": self.layer_scale}
-        return pool(
-            states,
-            mask,
-            self.strategy,
-            input_ids=input_ids,
-            eos_token_id=self._eos_token_id,
-            backend=backend,
-            **options,
-        )
+        options.update(input_ids=input_ids, eos_token_id=self._eos_token_id, backend=backend)
+        rows = pool(states, mask, self.strategy, **options)
+        if full_mask is None:
+            return rows
+        return keep_prompt_weights(rows, states, mask, full_mask, self.strategy, **options)
 
     def get_sentence_embedding_dimension(self) -> int | None:
         if self.embedding_dimension is None:

@@ -110,6 +110,10 @@ def read_chunks(
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
+    if not os.path.exists(path):
+        raise CorpusError(f"--input {path}: no such file")
+    if os.path.isdir(path):
+        raise CorpusError(f"--input {path}: is a folder; give a file")
     lower = "." + input_format(path, format)
     is_json = lower.endswith((".jsonl", ".ndjson", ".json"))
     is_table = lower.endswith((".csv", ".tsv", ".parquet"))
@@ -119,10 +123,6 @@ def read_chunks(
         raise CorpusError(f"--column: applies to .csv, .tsv and .parquet input, not {path}")
     if id_column is not None and not (is_json or is_table):
         raise CorpusError(f"--id-column: applies to JSON, CSV, TSV and Parquet input, not {path}")
-    if not os.path.exists(path):
-        raise CorpusError(f"--input {path}: no such file")
-    if os.path.isdir(path):
-        raise CorpusError(f"--input {path}: is a folder; give a file")
     try:
         if lower.endswith(".parquet"):
             records = _parquet_records(path, column or "text", id_column, chunk_size)

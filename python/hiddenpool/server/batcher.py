@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from hiddenpool.ops import pool, state_list
+from hiddenpool.ops import keep_prompt_weights, pool, state_list
 from hiddenpool.runners.tokens import (
     TokenBatch,
     Tokenized,
@@ -331,6 +331,20 @@ class Batcher:
                 # this group, each by its own rows where it can be told apart.
                 self._pool_each(rows, positions, sub_hidden, mask, eos_ids[picked], error)
                 continue
+            if prompt.any():
+                # Left-out prompts: weighted means keep each token's rank in the whole text.
+                pooled = {
+                    key: keep_prompt_weights(
+                        value,
+                        sub_hidden,
+                        mask,
+                        real[picked],
+                        key,
+                        layer_weights=first.layer_weights,
+                        layer_scale=first.layer_scale,
+                    )
+                    for key, value in pooled.items()
+                }
             finished = {key: self.encoder.runner.finish(value) for key, value in pooled.items()}
             for offset, position in enumerate(positions):
                 self._deliver(rows[position], {k: v[offset] for k, v in finished.items()}, seconds)
