@@ -214,6 +214,9 @@ def test_save_portable_writes_a_stock_pooling_where_it_can(minilm_path, tmp_path
     loaded = SentenceTransformer(str(tmp_path / "portable"), device="cpu")  # no remote code
     assert type(loaded[1]).__name__ == "Pooling"
     np.testing.assert_allclose(loaded.encode(TEXTS), expected, atol=1e-6)
+    # Named as the stock module's folder, not 1_HiddenPooling.
+    assert (tmp_path / "portable" / "1_Pooling" / "config.json").is_file()
+    assert not (tmp_path / "portable" / "1_HiddenPooling").exists()
     layered = with_module(minilm_path, HiddenPooling("mean@last4:concat"))
     assert save_portable(layered, tmp_path / "layered") == []
     again = SentenceTransformer(str(tmp_path / "layered"), device="cpu", trust_remote_code=True)
@@ -347,3 +350,80 @@ def test_weighted_mean_without_the_prompt_keeps_each_tokens_weight(minilm_path, 
         reference = (ranks[kept, None] * tokens[kept]).sum(0) / ranks[kept].sum()
         np.testing.assert_allclose(row[:384], reference, atol=1e-5)
         np.testing.assert_allclose(row[384:], tokens[kept].max(0), atol=1e-5)
+
+
+STOCK_MODES = ["cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken"]
+
+
+def stock_features(side: str, prompt: int, seed: int = 0) -> dict:
+    """Random token embeddings of 3 rows of different lengths, padded on ``side``."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(3, 7, 5, generator=generator)
+    lengths = [7, 4, 5]
+    mask = torch.zeros(3, 7, dtype=torch.int64)
+    for row, length in enumerate(lengths):
+        if side == "right":
+            mask[row, :length] = 1
+        else:
+            mask[row, 7 - length :] = 1
+    features = {"token_embeddings": hidden, "attention_mask": mask}
+    if prompt:
+        features["prompt_length"] = torch.tensor([prompt])
+    return features
+
+
+@pytest.mark.parametrize("mode", [*STOCK_MODES, ("cls", "mean"), ("max", "weightedmean")])
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("prompt", [0, 2])
+def test_the_stock_constructor_and_every_mode_pool_as_the_stock_module(mode, side, prompt):
+    stock = Pooling(5, pooling_mode=mode, include_prompt=not prompt)
+    ours = HiddenPooling(5, pooling_mode=mode, include_prompt=not prompt)
+    assert isinstance(ours, Pooling)
+    assert ours.pooling_mode == stock.pooling_mode
+    assert ours.pooling_output_dimension == stock.pooling_output_dimension
+    features = stock_features(side, prompt)
+    expected = stock(dict(features))["sentence_embedding"]
+    got = ours(dict(features))["sentence_embedding"]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # The config round-trips: a module made from it pools the same.
+    again = HiddenPooling(**ours.get_config_dict())
+    torch.testing.assert_close(again(dict(features))["sentence_embedding"], expected)
+
+
+def test_legacy_flags_warn_as_the_stock_module_does():
+    with pytest.warns(FutureWarning, match="pooling_mode_mean_tokens.*deprecated"):
+        ours = HiddenPooling(8, pooling_mode_mean_tokens=True, pooling_mode_max_tokens=True)
+    with pytest.warns(FutureWarning):
+        stock = Pooling(8, pooling_mode_mean_tokens=True, pooling_mode_max_tokens=True)
+    assert ours.pooling_mode == stock.pooling_mode == ("max", "mean")
+    with pytest.raises(TypeError, match="not both"):
+        HiddenPooling("mean@last", pooling_mode="max")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'pooling_mode_median'"):
+        HiddenPooling(8, pooling_mode_median=True)
+
+
+def test_cls_token_embeddings_and_token_weights_sum_are_read():
+    features = stock_features("right", 0)
+    features["cls_token_embeddings"] = torch.full((3, 5), 7.0)
+    features["token_weights_sum"] = torch.tensor([2.0, 3.0, 0.5])
+    for mode in ["cls", "mean", "mean_sqrt_len_tokens", ("cls", "mean")]:
+        stock = Pooling(5, pooling_mode=mode)(dict(features))["sentence_embedding"]
+        ours = HiddenPooling(5, pooling_mode=mode)(dict(features))["sentence_embedding"]
+        torch.testing.assert_close(ours, stock)
+
+
+def test_set_pooling_include_prompt_reaches_hidden_pooling(minilm_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock = SentenceTransformer(
+            modules=[Transformer(minilm_path), Pooling(384, "mean")], device="cpu"
+        )
+        ours = SentenceTransformer(
+            modules=[Transformer(minilm_path), HiddenPooling("mean@last")], device="cpu"
+        )
+    for model in (stock, ours):
+        model.set_pooling_include_prompt(False)
+    assert ours[1].include_prompt is False
+    np.testing.assert_allclose(
+        ours.encode(TEXTS, prompt="query: "), stock.encode(TEXTS, prompt="query: "), atol=1e-6
+    )

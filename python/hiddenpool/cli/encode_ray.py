@@ -154,7 +154,7 @@ def _run(
     context.enable_progress_bars = False
     # Reads ask for no CPU: they are light next to encoding, and an actor pool holding
     # every CPU (--actors 2 on 2 CPUs) would otherwise leave them none and the job hangs.
-    read_options = {"include_paths": True, "ray_remote_args": {"num_cpus": 0}}
+    read_options = {"include_paths": True, "num_cpus": 0}
     if paths[0].lower().endswith(".parquet"):
         dataset = ray.data.read_parquet(paths, **read_options)
     else:

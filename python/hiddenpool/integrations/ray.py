@@ -111,7 +111,7 @@ def encode_dataset(
         warnings.warn(
             f"actors: {actors} actors x {cpus_per_actor} CPU hold all {cpus} CPUs of the "
             "cluster; read and write tasks that need a CPU will wait for ever (give them "
-            "ray_remote_args={'num_cpus': 0}, as `hiddenpool encode --ray` does, or use "
+            "num_cpus=0, as `hiddenpool encode --ray` does, or use "
             "fewer actors)",
             stacklevel=2,
         )

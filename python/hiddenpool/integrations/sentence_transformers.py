@@ -88,6 +88,11 @@ def save_portable(model: Any, path: str | os.PathLike[str], **options: Any) -> l
         with open(os.path.join(module_folder, "config.json"), "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=2)
         entry["type"] = "sentence_transformers.models.Pooling"
+        # The folder takes the stock module's name too (1_HiddenPooling -> 1_Pooling).
+        renamed = str(entry["path"]).replace("HiddenPooling", "Pooling")
+        if renamed != entry["path"] and not os.path.exists(os.path.join(folder, renamed)):
+            os.rename(module_folder, os.path.join(folder, renamed))
+            entry["path"] = renamed
         converted.append(int(entry["idx"]))
     with open(modules_path, "w", encoding="utf-8") as handle:
         json.dump(entries, handle, indent=2)

@@ -4,16 +4,30 @@ sentence-transformers, which ``import hiddenpool`` never imports)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from sentence_transformers.base.modules.module import Module
+try:  # sentence-transformers 6.x
+    from sentence_transformers.base.modules.module import Module
+    from sentence_transformers.sentence_transformer.modules import Pooling
+except ImportError:  # 5.x
+    from sentence_transformers.models import Module, Pooling  # type: ignore[no-redef]
 
 from hiddenpool.ops import keep_prompt_weights, pool, without_leading_tokens
+from hiddenpool.pooling_modes import MODES, config_pools
 from hiddenpool.strategy import Strategy
 
+# The stock constructor's legacy boolean arguments (pooling_mode_mean_tokens=True, ...).
+LEGACY_FLAGS = tuple(flag for _, flag, _ in MODES)
 
-class HiddenPooling(Module):
+
+# Typed as Any: the stock class's annotations (its mode literals, an int width) describe
+# what it can pool, which HiddenPooling widens.
+_StockPooling: Any = Pooling
+
+
+class HiddenPooling(_StockPooling):  # type: ignore[misc]
     """Pools the Transformer module's output with a hiddenpool strategy, in place of the
     stock ``Pooling``: ``SentenceTransformer(modules=[Transformer(path),
     HiddenPooling("mean@last4:concat", embedding_dimension=384)])``.
@@ -27,7 +41,15 @@ class HiddenPooling(Module):
     as the stock module does. The flattened input of unpadded attention
     (``cu_seq_lens_q``) is read too. Saved as this module with its strategy (loads back
     with ``trust_remote_code=True``); ``save_portable`` saves a stock ``Pooling`` instead
-    where one can pool the same way."""
+    where one can pool the same way.
+
+    A drop-in for the stock module: it subclasses it (so ``set_pooling_include_prompt``
+    finds it), takes its constructor's arguments (``HiddenPooling(384, pooling_mode=
+    "mean")``, the legacy ``pooling_mode_mean_tokens=True`` with the stock deprecation
+    warning, ``word_embedding_dimension``), has its ``pooling_mode`` and
+    ``pooling_output_dimension``, and reads ``features["cls_token_embeddings"]`` for
+    ``cls`` and ``features["token_weights_sum"]`` (WordWeights) for ``mean`` and
+    ``mean_sqrt_len`` on the last layer, as the stock module does."""
 
     config_keys: list[str] = [  # noqa: RUF012 (the base's type)
         "strategy",
@@ -39,15 +61,24 @@ class HiddenPooling(Module):
 
     def __init__(
         self,
-        strategy: str = "mean@last",
+        strategy: str | int | None = None,
         embedding_dimension: int | None = None,
         include_prompt: bool = True,
         layer_weights: Sequence[float] | None = None,
         layer_scale: float = 1.0,
+        *,
+        pooling_mode: str | Sequence[str] | None = None,
+        word_embedding_dimension: int | None = None,
+        **legacy_flags: bool,
     ):
-        super().__init__()  # type: ignore[no-untyped-call]
+        # The stock Pooling's checks know only its own modes: the base Module is set up
+        # directly, and the stock attributes are filled in below.
+        Module.__init__(self)  # type: ignore[no-untyped-call]
         import torch
 
+        strategy, embedding_dimension = _stock_arguments(
+            strategy, embedding_dimension, pooling_mode, word_embedding_dimension, legacy_flags
+        )
         parsed = Strategy.parse(strategy)
         if parsed.combine != "weighted" and layer_weights is not None:
             raise ValueError(f"layer_weights: strategy {strategy} does not end in ':weighted'")
@@ -59,12 +90,27 @@ class HiddenPooling(Module):
         self._state_count: int | None = None
         self.mix_weights: Any = None
         self.mix_scale: Any = None
+        stock = {pool: name for name, _, pool in MODES}
+        stock["first"] = "cls"
+        names = [stock.get(pool, pool) for pool in parsed.pools]
+        # The stock attribute: one mode name, or a tuple of them (hiddenpool's pool names
+        # where the stock module has none).
+        self.pooling_mode: str | tuple[str, ...] = names[0] if len(names) == 1 else tuple(names)
         if parsed.combine == "weighted":
             # The layer count may be unknown until the model is built: weights start empty
             # (uniform) and take their size in on_model_ready unless given.
             initial = torch.tensor(list(layer_weights or []), dtype=torch.float32)
             self.mix_weights = torch.nn.Parameter(initial)
             self.mix_scale = torch.nn.Parameter(torch.tensor(float(layer_scale)))
+
+    @property
+    def pooling_output_dimension(self) -> int | None:
+        """The stock attribute: the width of the pooled rows (None until it is known)."""
+        return self.get_sentence_embedding_dimension()
+
+    @pooling_output_dimension.setter
+    def pooling_output_dimension(self, value: int | None) -> None:
+        pass  # computed from the strategy and the model; the stock module assigns it
 
     @property
     def layer_weights(self) -> list[float] | None:
@@ -129,8 +175,35 @@ class HiddenPooling(Module):
         if prompt:
             mask = without_leading_tokens(mask, prompt)
         pooled = self._pool(states, mask, input_ids, full_mask if prompt else None)
+        pooled = self._stock_features(pooled, mask, features)
         features["sentence_embedding"] = pooled.to(last.dtype)
         return features
+
+    def _stock_features(self, pooled: Any, mask: Any, features: dict[str, Any]) -> Any:
+        """What other modules hand the stock Pooling, used as it uses them (last layer
+        only): ``cls_token_embeddings`` is the ``cls`` part; ``token_weights_sum`` replaces
+        the token count of ``mean`` and ``mean_sqrt_len``."""
+        import torch
+
+        cls_rows = features.get("cls_token_embeddings")
+        weights_sum = features.get("token_weights_sum")
+        if (cls_rows is None and weights_sum is None) or self._parsed.layers != ("last",):
+            return pooled
+        width = pooled.shape[1] // len(self._parsed.pools)
+        count = (mask != 0).sum(dim=1, keepdim=True).to(torch.float32).clamp(min=1e-9)
+        parts = []
+        for index, name in enumerate(self._parsed.pools):
+            part = pooled[:, index * width : (index + 1) * width]
+            if name == "first" and cls_rows is not None:
+                part = cls_rows.to(part.dtype)
+            elif name in ("mean", "mean_sqrt_len") and weights_sum is not None:
+                weights = weights_sum.reshape(-1, 1).to(torch.float32).clamp(min=1e-9)
+                if name == "mean":
+                    part = (part.float() * count / weights).to(part.dtype)
+                else:
+                    part = (part.float() * count.sqrt() / weights.sqrt()).to(part.dtype)
+            parts.append(part)
+        return torch.cat(parts, dim=1)
 
     def _pool(self, states: list[Any], mask: Any, input_ids: Any, full_mask: Any = None) -> Any:
         """The strategy's rows; with ``full_mask`` (a prompt left out of ``mask``), each
@@ -193,6 +266,51 @@ class HiddenPooling(Module):
 
     def save(self, output_path: str, *args: Any, **kwargs: Any) -> None:
         self.save_config(output_path)
+
+
+def _stock_arguments(
+    strategy: str | int | None,
+    embedding_dimension: int | None,
+    pooling_mode: str | Sequence[str] | None,
+    word_embedding_dimension: int | None,
+    legacy_flags: dict[str, bool],
+) -> tuple[str, int | None]:
+    """The strategy and width from either constructor: hiddenpool's
+    (``HiddenPooling("mean@last4:sum", 384)``) or the stock module's (``(384,
+    pooling_mode="mean")``, legacy ``pooling_mode_*_tokens=True`` flags)."""
+    unknown = [name for name in legacy_flags if name not in LEGACY_FLAGS]
+    if unknown:
+        raise TypeError(f"HiddenPooling() got an unexpected keyword argument {unknown[0]!r}")
+    if isinstance(strategy, int) and not isinstance(strategy, bool):
+        if embedding_dimension is not None:
+            raise TypeError("embedding_dimension: given twice (first argument and keyword)")
+        embedding_dimension, strategy = strategy, None
+    if word_embedding_dimension is not None:
+        if embedding_dimension is not None:
+            raise TypeError("word_embedding_dimension: given with embedding_dimension")
+        embedding_dimension = word_embedding_dimension
+    stock = pooling_mode is not None or bool(legacy_flags)
+    if stock and strategy is not None:
+        raise TypeError(
+            f"strategy {strategy!r}: give a hiddenpool strategy or the stock pooling_mode, not both"
+        )
+    if legacy_flags:
+        names = ", ".join(f"`{name}`" for name in legacy_flags)
+        warnings.warn(
+            f"The {names} argument(s) are deprecated. Please use `pooling_mode` instead.",
+            FutureWarning,
+            stacklevel=3,
+        )
+        if pooling_mode is None:
+            pools = [pool for _, flag, pool in MODES if legacy_flags.get(flag)] or ["mean"]
+            return "+".join(pools) + "@last", embedding_dimension
+    if pooling_mode is not None:
+        return "+".join(config_pools({"pooling_mode": pooling_mode})) + "@last", embedding_dimension
+    if strategy is None:
+        return "mean@last", embedding_dimension
+    if not isinstance(strategy, str):
+        raise TypeError(f"strategy: expected a string, got {type(strategy).__name__}")
+    return strategy, embedding_dimension
 
 
 def _int64() -> Any:
