@@ -77,6 +77,9 @@ wheel-test: $(STAMP)
 	$(PYTHON) scripts/onnx_export_reference.py build/onnx-smoke
 	build/wheel-venv/bin/python -m pip install --quiet "$$(ls dist/hiddenpool-*.whl)[onnx]" -c requirements/dev.txt
 	cd /tmp && $(abspath build/wheel-venv)/bin/python $(abspath scripts/onnx_smoke.py) $(abspath build/onnx-smoke)
+	# And the server on the same folder with the `serve` extra added, still without torch.
+	build/wheel-venv/bin/python -m pip install --quiet "$$(ls dist/hiddenpool-*.whl)[onnx,serve]" -c requirements/dev.txt
+	cd /tmp && $(abspath build/wheel-venv)/bin/python $(abspath scripts/serve_smoke.py) $(abspath build/onnx-smoke)
 
 test: rust-test lint python-test wheel-test
 
