@@ -80,6 +80,11 @@ wheel-test: $(STAMP)
 	# And the server on the same folder with the `serve` extra added, still without torch.
 	build/wheel-venv/bin/python -m pip install --quiet "$$(ls dist/hiddenpool-*.whl)[onnx,serve]" -c requirements/dev.txt
 	cd /tmp && $(abspath build/wheel-venv)/bin/python $(abspath scripts/serve_smoke.py) $(abspath build/onnx-smoke)
+	# The `openvino` extra alone, in a second fresh environment: no torch, no onnxruntime.
+	rm -rf build/openvino-venv
+	python3 -m venv build/openvino-venv
+	build/openvino-venv/bin/python -m pip install --quiet "$$(ls dist/hiddenpool-*.whl)[openvino]" -c requirements/dev.txt
+	cd /tmp && $(abspath build/openvino-venv)/bin/python $(abspath scripts/openvino_smoke.py) $(abspath build/onnx-smoke)
 
 test: rust-test lint python-test wheel-test
 

@@ -22,9 +22,9 @@ folder = sys.argv[1]
 for absent in ("torch", "transformers"):
     assert importlib.util.find_spec(absent) is None, f"{absent} is installed here"
 texts = ["A man is playing a guitar.", "hi"]
+command = [sys.executable, "-m", "hiddenpool", "serve", "--port", "0"]
 server = subprocess.Popen(
-    [sys.executable, "-m", "hiddenpool", "serve", "--model", os.path.join(folder, "minilm")]
-    + ["--port", "0"],
+    [*command, "--model", os.path.join(folder, "minilm")],
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,

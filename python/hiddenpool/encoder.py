@@ -44,7 +44,8 @@ from hiddenpool.text_spans import (
     word_spans,
 )
 
-Backend = Literal["auto", "torch", "onnx"]
+Backend = Literal["auto", "torch", "onnx", "openvino"]
+Precision = Literal["fp32", "bf16", "int8"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class Encoder:
         dtype: Any = None,
         max_length: int | None = None,
         project: bool = False,
+        precision: Precision = "fp32",
         **model_kwargs: Any,
     ) -> Encoder:
         """Loads a model folder (or the name of a model in the local Hugging Face cache;
@@ -129,16 +131,44 @@ class Encoder:
         ``backend="onnx"`` on a transformers folder exports it once into a cache folder
         (``$HIDDENPOOL_CACHE``, else ``~/.cache/hiddenpool``) and reuses it; ``quantize="int8"``
         makes that export dynamically quantized. ``backend="torch"`` always uses transformers.
+        ``backend="openvino"`` runs the ONNX folder (or that cached export) on OpenVINO.
+
+        ``precision`` is asked for, never implied: ``"fp32"`` (the default, exact);
+        ``"bf16"`` runs on OpenVINO in bfloat16 where the CPU has AVX512_BF16 or AMX (a
+        ValueError naming the missing feature elsewhere); ``"int8"`` runs int8 weights on
+        ONNX Runtime (a folder exported with ``quantize="int8"``, or the cached int8 export
+        of a transformers folder).
 
         torch only: ``device`` defaults to CUDA when available, else the CPU; ``dtype`` is a
         torch dtype or its name (``"float16"``, ``"bfloat16"``); ``model_kwargs`` go to the
         model's ``from_pretrained``. The text tower is loaded for CLIP, the encoder for
         encoder-decoders, the model itself otherwise.
         """
-        if backend not in ("auto", "torch", "onnx"):
-            raise ValueError(f"backend: expected 'auto', 'torch' or 'onnx', got {backend!r}")
+        if backend not in ("auto", "torch", "onnx", "openvino"):
+            raise ValueError(
+                f"backend: expected 'auto', 'torch', 'onnx' or 'openvino', got {backend!r}"
+            )
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize: expected None or 'int8', got {quantize!r}")
+        if precision not in ("fp32", "bf16", "int8"):
+            raise ValueError(f"precision: expected 'fp32', 'bf16' or 'int8', got {precision!r}")
+        if precision == "bf16":
+            from hiddenpool.runners.openvino_runner import check_precision
+
+            check_precision("bf16")
+            if backend in ("torch", "onnx"):
+                raise ValueError(
+                    f"precision: bf16 runs on OpenVINO (ONNX Runtime has no bf16 CPU path); "
+                    f"use backend='openvino' or 'auto', not {backend!r}"
+                )
+            backend = "openvino"
+        if precision == "int8":
+            if backend in ("torch", "openvino"):
+                raise ValueError(
+                    f"precision: int8 runs on ONNX Runtime; use backend='onnx' or 'auto', not "
+                    f"{backend!r}"
+                )
+            backend = "onnx"
         path = default_model_path() if name_or_path is None else os.fspath(name_or_path)
         if not os.path.exists(path) and looks_like_a_path(path):
             raise FileNotFoundError(f"name_or_path: {path}: no such folder")
@@ -163,8 +193,23 @@ class Encoder:
                     f"quantize: {path} is already an ONNX folder; quantize when exporting "
                     "(`hiddenpool export MODEL --output DIR --quantize int8`)"
                 )
+            if precision == "int8" and not onnx_folder:
+                quantize = "int8"
             folder = path if onnx_folder else _cached_export(path, quantize, project)
-            runner: Runner = OnnxRunner(folder, max_length=max_length, project=project)
+            runner: Runner
+            if backend == "openvino":
+                from hiddenpool.runners.openvino_runner import OpenVinoRunner
+
+                runner = OpenVinoRunner(
+                    folder, max_length=max_length, project=project, precision=precision
+                )
+            else:
+                runner = OnnxRunner(folder, max_length=max_length, project=project)
+                if precision == "int8" and runner.manifest.weights != "int8":
+                    raise ValueError(
+                        f"precision: {folder} holds float32 weights; export it with "
+                        "--quantize int8 (or give the transformers folder) for int8"
+                    )
             return cls.from_runner(runner, _pipeline_of(folder, project))
         if quantize is not None:
             raise ValueError("quantize: applies to the ONNX backend only (backend='onnx')")
@@ -216,10 +261,29 @@ class Encoder:
         return getattr(self.runner, "device", "cpu")
 
     @property
-    def backend(self) -> Literal["torch", "onnx"]:
+    def backend(self) -> Literal["torch", "onnx", "openvino"]:
+        """The runtime under the runner: ``torch``, ``onnx`` (ONNX Runtime), ``openvino``."""
         from hiddenpool.runners.onnx_runner import OnnxRunner
 
-        return "onnx" if isinstance(self.runner, OnnxRunner) else "torch"
+        if isinstance(self.runner, OnnxRunner):
+            return "onnx"
+        return "openvino" if type(self.runner).__name__ == "OpenVinoRunner" else "torch"
+
+    @property
+    def precision(self) -> str:
+        """What the matrix products compute in: ``fp32``, ``bf16`` (OpenVINO), or ``int8``
+        (weights quantized when the folder was exported); torch models report ``fp32`` unless
+        loaded with another dtype."""
+        weights = getattr(getattr(self.runner, "manifest", None), "weights", "float32")
+        if weights == "int8":
+            return "int8"
+        precision = getattr(self.runner, "precision", None)
+        if precision is not None:
+            return str(precision)
+        model = getattr(self.runner, "model", None)
+        parameter = next(iter(model.parameters()), None) if model is not None else None
+        dtype = str(getattr(parameter, "dtype", "torch.float32"))
+        return {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(dtype, "fp32")
 
     def encode(
         self,
@@ -884,7 +948,8 @@ def _show_progress(progress: bool | None, batches: int) -> bool:
 
 
 def runs_on_onnx(path: str, backend: Backend) -> bool:
-    """Whether ``Encoder.from_pretrained(path, backend=backend)`` runs ONNX Runtime. "auto"
+    """Whether ``Encoder.from_pretrained(path, backend=backend)`` runs an ONNX graph (on
+    ONNX Runtime, or on OpenVINO for ``backend="openvino"``), without torch. "auto"
     does for folders made by ``hiddenpool export`` and for ONNX folders without
     transformers weights; a folder holding both weights and someone else's ``model.onnx``
     (most sentence-transformers folders) runs on torch, where every layer is available,
@@ -892,7 +957,7 @@ def runs_on_onnx(path: str, backend: Backend) -> bool:
     from hiddenpool.runners.onnx_runner import MANIFEST, is_onnx_folder
 
     if backend != "auto":
-        return backend == "onnx"
+        return backend in ("onnx", "openvino")
     if not os.path.isdir(path) or not is_onnx_folder(path):
         return False
     return os.path.isfile(os.path.join(path, MANIFEST)) or not _has_torch_weights(path)

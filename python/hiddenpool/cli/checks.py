@@ -31,7 +31,8 @@ class ModelOptions:
     ``serve``); commands subclass it with their own."""
 
     model: str | None = None
-    backend: Literal["auto", "torch", "onnx"] = "auto"
+    backend: Literal["auto", "torch", "onnx", "openvino"] = "auto"
+    precision: Literal["fp32", "bf16", "int8"] = "fp32"
     batch_size: int | None = None
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     device: str | None = None
@@ -89,7 +90,9 @@ def check_model(flag: str, model: str) -> None:
             )
 
 
-def check_device(device: str | None, model: str, backend: Literal["auto", "torch", "onnx"]) -> None:
+def check_device(
+    device: str | None, model: str, backend: Literal["auto", "torch", "onnx", "openvino"]
+) -> None:
     """``--device`` names a torch device that exists here, on the torch backend only."""
     from hiddenpool.encoder import runs_on_onnx
 
@@ -152,6 +155,7 @@ def preflight(
     model = options.model or default_model_path()
     check_model("--model", model)
     check_device(options.device, model, options.backend)
+    check_precision(options)
     count = state_count_from_files(model) if os.path.isdir(model) else None
     if count is not None:
         for strategy in strategies:
@@ -164,6 +168,39 @@ def preflight(
                     raise UsageError(f"--layers {layers_flag!r}: {error}") from None
                 raise UsageError(str(error)) from None
     return model
+
+
+def check_precision(options: ModelOptions) -> None:
+    """``--precision`` against ``--backend`` and this CPU, before anything loads."""
+    if options.precision == "bf16":
+        from hiddenpool.runners.openvino_runner import check_precision as cpu_can_run
+
+        try:
+            cpu_can_run("bf16")
+        except ValueError as error:
+            raise UsageError(f"--precision bf16: {str(error).split(': ', 1)[1]}") from None
+        if options.backend in ("torch", "onnx"):
+            raise UsageError(
+                f"--precision bf16: runs on OpenVINO; use --backend openvino or auto, not "
+                f"{options.backend}"
+            )
+        _require("openvino", "--precision bf16", "openvino")
+    elif options.precision == "int8" and options.backend in ("torch", "openvino"):
+        raise UsageError(
+            f"--precision int8: runs on ONNX Runtime; use --backend onnx or auto, not "
+            f"{options.backend}"
+        )
+    if options.backend == "openvino":
+        _require("openvino", "--backend openvino", "openvino")
+
+
+def _require(module: str, flag: str, extra: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(
+            f'{flag}: needs {module}: pip install ".[{extra}]" in a hiddenpool checkout'
+        )
 
 
 def load_encoder(options: ModelOptions, model: str) -> tuple[Any, str]:
@@ -195,6 +232,7 @@ def load_encoder(options: ModelOptions, model: str) -> tuple[Any, str]:
             backend=options.backend,
             device=options.device,
             max_length=options.max_length,
+            precision=options.precision,
         )
     except OSError as error:
         from hiddenpool.encoder import looks_like_a_path
@@ -210,6 +248,10 @@ def load_encoder(options: ModelOptions, model: str) -> tuple[Any, str]:
     name = options.model or DEFAULT_MODEL_NAME
     if encoder.backend == "onnx":
         name += " on ONNX Runtime"
+    elif encoder.backend == "openvino":
+        name += " on OpenVINO"
+    if encoder.precision != "fp32":
+        name += f", {encoder.precision}"
     return encoder, name
 
 

@@ -114,7 +114,7 @@ def compare(options: CompareOptions) -> int:
     if average is not None:
         print(f"\nranked by the mean Spearman over the {len(comparisons)} data files:\n")
         print(report.average_table(average, [path for path, _ in datasets]))
-    _write_outputs(options, model_name, comparisons, average)
+    _write_outputs(options, encoder, model_name, comparisons, average)
     return 0
 
 
@@ -136,12 +136,18 @@ def _check(options: CompareOptions) -> None:
 
 def _print_header(encoder: Any, model_name: str, strategies: list[str]) -> None:
     print(f"model: {model_name}")
+    print(f"runtime: {_runtime(encoder)}, precision {encoder.precision}")
     if "model" in strategies:
         print(f"strategy 'model' = {encoder.describe_model_strategy()} (the model's own pipeline)")
 
 
+def _runtime(encoder: Any) -> str:
+    return {"onnx": "ONNX Runtime", "openvino": "OpenVINO"}.get(encoder.backend, "torch")
+
+
 def _write_outputs(
     options: CompareOptions,
+    encoder: Any,
     model_name: str,
     comparisons: list[Any],
     average: list[dict[str, Any]] | None,
@@ -158,6 +164,9 @@ def _write_outputs(
                 "average": average,
             }
         )
+        # The runtime and precision the ranking was made under, to rank as deployed.
+        document["runtime"] = _runtime(encoder)
+        document["precision"] = encoder.precision
         checks.write_json(options.json, document)
     if options.plot:
         if options.sweep:
@@ -203,7 +212,10 @@ def compare_retrieval(options: CompareOptions) -> int:
     print(f"encoded once for all strategies in {comparison.encode_seconds:.2f} s\n")
     print(report.retrieval_table(comparison))
     if options.json:
-        checks.write_json(options.json, comparison.as_json())
+        document = comparison.as_json()
+        document["runtime"] = _runtime(encoder)
+        document["precision"] = encoder.precision
+        checks.write_json(options.json, document)
     return 0
 
 

@@ -73,10 +73,18 @@ def _model_arguments(command: argparse.ArgumentParser, strategies: bool = True) 
     )
     command.add_argument(
         "--backend",
-        choices=["auto", "torch", "onnx"],
+        choices=["auto", "torch", "onnx", "openvino"],
         default="auto",
         help="auto: ONNX Runtime for ONNX folders, torch otherwise; onnx: export a "
-        "transformers folder once (cached) and run it on ONNX Runtime",
+        "transformers folder once (cached) and run it on ONNX Runtime; openvino: the same "
+        "ONNX folder on OpenVINO",
+    )
+    command.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "int8"],
+        default="fp32",
+        help="fp32: exact; bf16: OpenVINO in bfloat16 (CPUs with AVX512_BF16 or AMX); int8: "
+        "int8 weights on ONNX Runtime",
     )
     command.add_argument(
         "--batch-size", type=int, help="at most this many texts a batch (default: no limit)"

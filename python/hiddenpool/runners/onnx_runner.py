@@ -189,18 +189,21 @@ def _tokenizer_path(folder: str) -> str:
     return path
 
 
-class OnnxRunner:
-    """Runs an ONNX folder (see the module docstring) on ONNX Runtime's CPU provider with
-    ``hiddenpool.get_num_threads()`` threads (the session is rebuilt when that changes)."""
+class GraphRunner:
+    """An ONNX folder (see the module docstring) behind the runner seam: the manifest, the
+    tokenizer, the projection and the checks, with the runtime left to a subclass
+    (``OnnxRunner`` here, ``OpenVinoRunner`` in ``runners.openvino_runner``), which gives
+    the graph's inputs and outputs and computes the named outputs of a feed."""
+
+    runtime = "a runtime"
 
     def __init__(self, folder: str, *, max_length: int | None = None, project: bool = False):
         try:
-            import onnxruntime  # noqa: F401
             from tokenizers import Tokenizer
         except ImportError as error:
             raise ImportError(
-                f"the ONNX runner needs onnxruntime and tokenizers ({error.name} is missing): "
-                'pip install ".[onnx]" in a hiddenpool checkout'
+                f"the {self.runtime} runner needs the tokenizers package ({error.name} is "
+                "missing): pip install tokenizers"
             ) from None
         self.folder = folder
         self.manifest = manifest = read_manifest(folder)
@@ -222,13 +225,9 @@ class OnnxRunner:
                 )
             self.projection = np.load(os.path.join(folder, manifest.projection))
         self.projects = self.projection is not None
-        self._session: Any = None
-        self._threads = 0
-        self._spin = True
-        session = self._current_session()
-        self.input_names = [item.name for item in session.get_inputs()]
-        self.input_types = {item.name: item.type for item in session.get_inputs()}
-        self.output_names = [item.name for item in session.get_outputs()]
+        self.input_types = self._graph_inputs()
+        self.input_names = list(self.input_types)
+        self.output_names = self._graph_outputs()
         for required in ("input_ids", "attention_mask"):
             if required not in self.input_names:
                 raise ValueError(
@@ -255,40 +254,20 @@ class OnnxRunner:
             wants_type_ids="token_type_ids" in self.input_names,
         )
 
-    @property
-    def spin(self) -> bool:
-        """Whether ONNX Runtime's threads spin between runs (its default: fastest for
-        back-to-back batches). False makes them sleep, for a process whose other threads
-        need the cores between runs (``hiddenpool serve``); the session is rebuilt."""
-        return self._spin
+    # What a runtime gives.
 
-    @spin.setter
-    def spin(self, value: bool) -> None:
-        if bool(value) != self._spin:
-            self._spin = bool(value)
-            self._session = None
+    def _graph_inputs(self) -> dict[str, str]:
+        """Input names and element types ("tensor(int64)", "tensor(int32)")."""
+        raise NotImplementedError
 
-    def _current_session(self) -> Any:
-        threads = _native.get_num_threads()
-        if self._session is None or threads != self._threads:
-            import onnxruntime
+    def _graph_outputs(self) -> list[str]:
+        raise NotImplementedError
 
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-            options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-            options.log_severity_level = 3  # errors only
-            if not self._spin:
-                # Threads that sleep between runs instead of spinning: a server's event
-                # loop shares the cores with them (spinning threads took its CPU between
-                # small batches; benches/serve.py).
-                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self._session = onnxruntime.InferenceSession(
-                self.graph_path, options, providers=["CPUExecutionProvider"]
-            )
-            self._threads = threads
-        return self._session
+    def _compute(self, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The outputs ``names`` of the graph on ``feed``."""
+        raise NotImplementedError
+
+    # The runner seam.
 
     def state_count(self) -> int:
         # A foreign graph of unknown depth exposes one state, which strategies can only
@@ -330,7 +309,7 @@ class OnnxRunner:
         for name, value in feed.items():
             if self.input_types.get(name) == "tensor(int32)":
                 feed[name] = value.astype(np.int32)
-        outputs = self._current_session().run(names, feed)
+        outputs = self._compute(names, feed)
         hidden: list[Any] = [None] * count
         for index, value in zip(wanted, outputs, strict=True):
             hidden[index] = value
@@ -341,3 +320,69 @@ class OnnxRunner:
         if self.projection is not None:
             result = result @ self.projection.T.astype(np.float32)
         return result
+
+
+class OnnxRunner(GraphRunner):
+    """Runs an ONNX folder on ONNX Runtime's CPU provider with
+    ``hiddenpool.get_num_threads()`` threads (the session is rebuilt when that changes)."""
+
+    runtime = "ONNX Runtime"
+    precision = "fp32"  # of the computation; the weights may be int8 (manifest.weights)
+
+    def __init__(self, folder: str, *, max_length: int | None = None, project: bool = False):
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as error:
+            raise ImportError(
+                f"the ONNX runner needs onnxruntime and tokenizers ({error.name} is missing): "
+                'pip install ".[onnx]" in a hiddenpool checkout'
+            ) from None
+        self._session: Any = None
+        self._threads = 0
+        self._spin = True
+        self.graph_path = os.path.join(folder, read_manifest(folder).graph)
+        super().__init__(folder, max_length=max_length, project=project)
+
+    def _graph_inputs(self) -> dict[str, str]:
+        return {item.name: item.type for item in self._current_session().get_inputs()}
+
+    def _graph_outputs(self) -> list[str]:
+        return [item.name for item in self._current_session().get_outputs()]
+
+    def _compute(self, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self._current_session().run(names, feed))
+
+    @property
+    def spin(self) -> bool:
+        """Whether ONNX Runtime's threads spin between runs (its default: fastest for
+        back-to-back batches). False makes them sleep, for a process whose other threads
+        need the cores between runs (``hiddenpool serve``); the session is rebuilt."""
+        return self._spin
+
+    @spin.setter
+    def spin(self, value: bool) -> None:
+        if bool(value) != self._spin:
+            self._spin = bool(value)
+            self._session = None
+
+    def _current_session(self) -> Any:
+        threads = _native.get_num_threads()
+        if self._session is None or threads != self._threads:
+            import onnxruntime
+
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+            options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.log_severity_level = 3  # errors only
+            if not self._spin:
+                # Threads that sleep between runs instead of spinning: a server's event
+                # loop shares the cores with them (spinning threads took its CPU between
+                # small batches; benches/serve.py).
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self._session = onnxruntime.InferenceSession(
+                self.graph_path, options, providers=["CPUExecutionProvider"]
+            )
+            self._threads = threads
+        return self._session
