@@ -126,6 +126,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     onnx_float32 = Encoder.from_pretrained(float32_dir)
     onnx_int8 = Encoder.from_pretrained(int8_dir)
     budget = arguments.max_batch_tokens
+    # The same folders on OpenVINO, where installed: fp32 (exact), bf16 where the CPU has
+    # AVX512_BF16 or AMX, and the dynamic int8 graph.
+    openvino: list[tuple[str, Encoder]] = []
+    try:
+        openvino.append(("OpenVINO fp32", Encoder.from_pretrained(float32_dir, backend="openvino")))
+        try:
+            bf16 = Encoder.from_pretrained(float32_dir, precision="bf16")
+            openvino.append(("OpenVINO bf16", bf16))
+        except ValueError as error:
+            print(f"OpenVINO bf16 row left out: {error}")
+        openvino.append(
+            ("OpenVINO on the int8 graph", Encoder.from_pretrained(int8_dir, backend="openvino"))
+        )
+    except ImportError as error:
+        print(f"OpenVINO rows left out: {error}")
 
     def ours(encoder: Encoder, batch: int | None, tokens: int | None) -> Callable:
         return lambda items: encoder.encode(
@@ -167,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"hiddenpool ONNX int8, {budget}-token batches", ours(onnx_int8, None, budget)
             ),
             Pipeline("hiddenpool ONNX fp32, the 10 strategies of compare", preset(onnx_float32)),
+            *(
+                Pipeline(f"hiddenpool {label}, {budget}-token batches", ours(encoder, None, budget))
+                for label, encoder in openvino
+            ),
         ]
     for pipeline in pipelines:
         pipeline.encode(texts[:64])  # warm-up: first calls allocate and pick kernels

@@ -161,11 +161,10 @@ async def closed_loop(url: str, texts: list[str], size: int, clients: int, secon
     return len(latencies), latencies
 
 
-async def open_loop(url: str, texts: list[str], rate: float, seconds: float, pool: int = 256):
-    """One-text requests arriving every 1/rate seconds over ``pool`` connections;
-    (sent, latencies of 200s, statuses)."""
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
+async def open_loop(url: str, make_body, rate: float, seconds: float, pool: int = 256):
+    """Requests (``make_body(index)``) arriving at ``rate`` a second for ``seconds`` over
+    ``pool`` keep-alive connections: (the rate offered, {status: latencies})."""
+    by_status: dict[int, list[float]] = {}
     idle: asyncio.Queue[Connection] = asyncio.Queue()
     for _ in range(pool):
         idle.put_nowait(await Connection.open(url))
@@ -173,13 +172,9 @@ async def open_loop(url: str, texts: list[str], rate: float, seconds: float, poo
     async def one(index: int) -> None:
         started = time.perf_counter()
         connection = await idle.get()
-        status, _ = await connection.post(
-            "/v1/embeddings", {"input": texts[index % len(texts)], "encoding_format": ENCODING}
-        )
+        status, _ = await connection.post("/v1/embeddings", make_body(index))
         idle.put_nowait(connection)
-        statuses[status] = statuses.get(status, 0) + 1
-        if status == 200:
-            latencies.append(time.perf_counter() - started)
+        by_status.setdefault(status, []).append(time.perf_counter() - started)
 
     tasks = []
     start = time.perf_counter()
@@ -188,10 +183,11 @@ async def open_loop(url: str, texts: list[str], rate: float, seconds: float, poo
         tasks.append(asyncio.ensure_future(one(index)))
         index += 1
         await asyncio.sleep(max(0.0, start + index / rate - time.perf_counter()))
+    offered = index / (time.perf_counter() - start)
     await asyncio.gather(*tasks)
     while not idle.empty():
         idle.get_nowait().close()
-    return index, latencies, statuses
+    return offered, by_status
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -289,9 +285,17 @@ def main() -> None:
     try:
         run_cells("hiddenpool serve", server)
         rate = arguments.rate or 0.8 * max(r["rate"] for r in rows if r["size"] == 1)
-        sent, latencies, statuses = asyncio.run(
-            open_loop(server.url, texts, rate, arguments.seconds)
+        _, by_status = asyncio.run(
+            open_loop(
+                server.url,
+                lambda i: {"input": texts[i % len(texts)], "encoding_format": ENCODING},
+                rate,
+                arguments.seconds,
+            )
         )
+        latencies = by_status.get(200, [])
+        statuses = {status: len(values) for status, values in by_status.items()}
+        sent = sum(statuses.values())
     finally:
         server.stop()
     print(

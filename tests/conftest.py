@@ -45,3 +45,19 @@ def minilm(minilm_path):
     from hiddenpool import Encoder
 
     return Encoder.from_pretrained(minilm_path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def minilm_onnx(minilm_path, tmp_path_factory) -> str:
+    """all-MiniLM-L6-v2 exported to an ONNX float32 folder, one per test module."""
+    from hiddenpool import export_onnx
+
+    return str(export_onnx(minilm_path, tmp_path_factory.mktemp("onnx") / "minilm-onnx"))
+
+
+@pytest.fixture(scope="module")
+def onnx_encoder(minilm_onnx):
+    """An Encoder on that folder (ONNX Runtime)."""
+    from hiddenpool import Encoder
+
+    return Encoder.from_pretrained(minilm_onnx)

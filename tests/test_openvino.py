@@ -12,25 +12,10 @@ import tiny_models
 from cli_runner import run_cli
 from hiddenpool import Encoder, export_onnx
 from hiddenpool.runners import openvino_runner
+from test_onnx import STRATEGIES, TEXTS  # the same strategies and texts as ONNX Runtime
 
 pytest.importorskip("openvino")
 pytest.importorskip("onnxruntime")
-
-TEXTS = [text for text in tiny_models.TEXTS if text] + ["", "the cat"]
-STRATEGIES = [
-    "mean@last",
-    "cls@last",
-    "last@last",
-    "max@last",
-    "sum@last",
-    "mean_sqrt_len@last",
-    "weighted_mean@last",
-    "mean+max@last2:concat",
-    "mean@all:mean",
-    "max@first_last:sum",
-    "mean@embeddings",
-    "mean@-2",
-]
 
 
 def assert_runtimes_agree(folder, strategies, texts=TEXTS, project=False):

@@ -16,14 +16,7 @@ import pytest
 from cli_runner import run_cli
 from hiddenpool import Encoder, export_onnx
 from hiddenpool import export as export_module
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("hiddenpool: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+from test_cli_errors import assert_one_line_error
 
 
 @pytest.fixture(scope="module")

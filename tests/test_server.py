@@ -20,8 +20,6 @@ import httpx
 import numpy as np
 import pytest
 
-from hiddenpool import Encoder, export_onnx
-
 pytestmark = pytest.mark.slow
 
 TEXTS = [
@@ -94,16 +92,6 @@ class Server:
         finally:
             if self.process.poll() is None:
                 self.process.kill()
-
-
-@pytest.fixture(scope="module")
-def minilm_onnx(minilm_path, tmp_path_factory) -> str:
-    return str(export_onnx(minilm_path, tmp_path_factory.mktemp("serve") / "minilm-onnx"))
-
-
-@pytest.fixture(scope="module")
-def onnx_encoder(minilm_onnx) -> Encoder:
-    return Encoder.from_pretrained(minilm_onnx)
 
 
 @pytest.fixture(scope="module")

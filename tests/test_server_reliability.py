@@ -20,20 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hiddenpool import Encoder, export_onnx
+from hiddenpool import Encoder
 from test_server import TEXTS, Server, corpus
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def minilm_onnx(minilm_path, tmp_path_factory) -> str:
-    return str(export_onnx(minilm_path, tmp_path_factory.mktemp("faults") / "minilm-onnx"))
-
-
-@pytest.fixture(scope="module")
-def onnx_encoder(minilm_onnx) -> Encoder:
-    return Encoder.from_pretrained(minilm_onnx)
 
 
 def token_id(encoder: Encoder, word: str) -> int:

@@ -199,10 +199,30 @@ class Service:
         return tokenized, cut
 
     async def run_pool(self, job: PoolJob, request: Request) -> PoolJob:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[PoolJob] = loop.create_future()
+        """``job``'s rows through the batcher; its failure as the RequestError that fits."""
+        await self._submit(job, request)
+        if job.error is not None:
+            status = job.error.status if isinstance(job.error, JobFailed) else 500
+            raise RequestError(status, str(job.error), "input" if status == 422 else None)
+        return job
 
-        def finished(finished_job: PoolJob) -> None:
+    async def run_call(self, function: Callable[[], Any], request: Request) -> CallJob:
+        """``function`` on the worker thread (token vectors, late chunking)."""
+        job = CallJob(function, lambda finished: None)
+        await self._submit(job, request)
+        if job.error is not None:
+            if isinstance(job.error, (ValueError, TypeError)):
+                raise RequestError(422, str(job.error).splitlines()[0])
+            raise RequestError(500, f"the computation failed ({type(job.error).__name__})")
+        return job
+
+    async def _submit(self, job: PoolJob | CallJob, request: Request) -> None:
+        """Queues ``job`` and waits for the worker to finish it (the worker's callback
+        wakes this loop)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+
+        def finished(finished_job: Any) -> None:
             loop.call_soon_threadsafe(_resolve, done, finished_job)
 
         job.on_done = finished
@@ -211,29 +231,6 @@ class Service:
         except JobFailed as error:
             raise RequestError(error.status, str(error)) from None
         await self._wait(done, request, lambda: self.batcher.cancel(job))
-        if job.error is not None:
-            status = job.error.status if isinstance(job.error, JobFailed) else 500
-            raise RequestError(status, str(job.error), "input" if status == 422 else None)
-        return job
-
-    async def run_call(self, function: Callable[[], Any], request: Request) -> CallJob:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[CallJob] = loop.create_future()
-
-        def finished(finished_job: CallJob) -> None:
-            loop.call_soon_threadsafe(_resolve, done, finished_job)
-
-        job = CallJob(function, finished)
-        try:
-            self.batcher.submit(job)
-        except JobFailed as error:
-            raise RequestError(error.status, str(error)) from None
-        await self._wait(done, request, lambda: self.batcher.cancel(job))
-        if job.error is not None:
-            if isinstance(job.error, (ValueError, TypeError)):
-                raise RequestError(422, str(job.error).splitlines()[0])
-            raise RequestError(500, f"the computation failed ({type(job.error).__name__})")
-        return job
 
     async def _wait(
         self, done: asyncio.Future[Any], request: Request, cancel: Callable[[], None]
