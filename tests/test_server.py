@@ -262,6 +262,12 @@ def test_info_models_health_and_metrics(server, minilm_onnx):
     assert minilm_onnx not in httpx.get(f"{server.url}/metrics").text
     assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"] == "minilm-onnx"
     assert httpx.get(f"{server.url}/health").status_code == 200
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    assert spec["openapi"].startswith("3.") and {
+        "/v1/embeddings",
+        "/embed",
+        "/embed_tokens",
+    } <= set(spec["paths"])
 
 
 def test_64_concurrent_clients_get_their_own_rows_in_shared_batches(server, onnx_encoder):

@@ -87,6 +87,7 @@ def create_app(encoder: Any, settings: ServerSettings, announce: str | None = No
         Route("/info", route("/info", handlers.info), methods=["GET"]),
         Route("/v1/models", route("/v1/models", handlers.models), methods=["GET"]),
         Route("/metrics", route("/metrics", handlers.metrics), methods=["GET"]),
+        Route("/openapi.json", route("/openapi.json", handlers.openapi), methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.service = service

@@ -17,6 +17,7 @@ from starlette.responses import PlainTextResponse, Response
 from hiddenpool._version import __version__
 from hiddenpool.encoder import truncate_dimensions
 from hiddenpool.pipelines import normalize_rows
+from hiddenpool.server import openapi
 from hiddenpool.server.batcher import PoolJob
 from hiddenpool.server.requests import (
     EmbedRequest,
@@ -287,6 +288,7 @@ class Routes:
             "model": self.settings.served_model_name,
             "model_path": self.settings.model_path if self.settings.expose_paths else None,
             "backend": self.encoder.backend,
+            "precision": self.encoder.precision,
             "family": self.encoder.family,
             "max_length": self.encoder.max_length,
             "width": self.service.width,
@@ -314,6 +316,9 @@ class Routes:
             "owned_by": "hiddenpool",
         }
         return json_response({"object": "list", "data": [entry]})
+
+    async def openapi(self, request: Request) -> Response:
+        return json_response(openapi.document())
 
     async def metrics(self, request: Request) -> Response:
         self.service.metrics.queue_texts.set(self.service.batcher.queued_texts())
