@@ -113,21 +113,35 @@ class Connection:
     lighter than an HTTP library (httpx took 50-85% of a core at 64 connections here, on
     the 2 cores the server needs)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+    def __init__(
+        self, address: tuple[str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.address, self.reader, self.writer = address, reader, writer
 
     @classmethod
     async def open(cls, url: str) -> Connection:
         host, port = url.removeprefix("http://").rsplit(":", 1)
-        return cls(*await asyncio.open_connection(host, int(port)))
+        address = (host, int(port))
+        return cls(address, *await asyncio.open_connection(*address))
 
     async def post(self, path: str, document: object) -> tuple[int, bytes]:
         body = json.dumps(document).encode()
-        self.writer.write(
+        request = (
             f"POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\n\r\n".encode()
             + body
         )
+        try:
+            return await self._exchange(request)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            # The server closed this keep-alive connection while it was idle (uvicorn does
+            # after 5 s): open a new one and send again, as HTTP clients do.
+            self.writer.close()
+            self.reader, self.writer = await asyncio.open_connection(*self.address)
+            return await self._exchange(request)
+
+    async def _exchange(self, request: bytes) -> tuple[int, bytes]:
+        self.writer.write(request)
         head = await self.reader.readuntil(b"\r\n\r\n")
         length = re.search(rb"content-length: (\d+)", head, re.IGNORECASE)
         data = await self.reader.readexactly(int(length.group(1)) if length else 0)

@@ -129,3 +129,42 @@ def test_help_shows_strategy_as_optional():
         "[--strategy S ...]" in result.stdout
         and "--strategy S [S ...] --input" not in result.stdout
     )
+
+
+def test_encode_dimensions_matches_the_library(tiny_bert_folder, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a cat sat\nthe dog\n")
+    output = tmp_path / "cut.npy"
+    result = run_cli(
+        "encode",
+        "--model",
+        tiny_bert_folder,
+        "--input",
+        str(texts),
+        "--output",
+        str(output),
+        "--strategy",
+        "mean@last",
+        "--normalize",
+        "--dimensions",
+        "8",
+    )
+    assert result.returncode == 0, result.stderr
+    encoder = Encoder.from_pretrained(tiny_bert_folder)
+    expected = encoder.encode(["a cat sat", "the dog"], "mean@last", normalize=True, dimensions=8)
+    np.testing.assert_allclose(np.load(output), expected, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(expected, axis=1), 1.0, atol=1e-6)
+    too_many = run_cli(
+        "encode",
+        "--model",
+        tiny_bert_folder,
+        "--input",
+        str(texts),
+        "--output",
+        str(tmp_path / "x.npy"),
+        "--strategy",
+        "mean@last",
+        "--dimensions",
+        "100000",
+    )
+    assert_one_line_error(too_many, "--dimensions 100000: more than the 16 values of mean@last")

@@ -38,6 +38,7 @@ def encode(options: EncodeOptions) -> int:
     encoder, model_name = checks.load_encoder(options, model)
     if mode == "pooled":
         checks.check_against_model(encoder, options, strategies)
+        _check_dimensions(encoder, options, strategies)
         count, widths = _encode_pooled(encoder, options, strategies, chunks)
         shapes = ", ".join(f"{key} [{count}, {widths[key]}]" for key in strategies)
     else:
@@ -72,6 +73,18 @@ def _check_single_file(options: EncodeOptions, mode: str, strategies: list[str])
         raise UsageError("--id-column: .npy and .npz hold no ids; write .parquet")
 
 
+def _check_dimensions(encoder: Any, options: EncodeOptions, strategies: list[str]) -> None:
+    """``--dimensions`` against each strategy's width, before the first text runs."""
+    if options.dimensions is None:
+        return
+    probe = encoder.encode([], strategies, layer_weights=options.layer_weights)
+    for key, rows in (probe if isinstance(probe, dict) else {strategies[0]: probe}).items():
+        if options.dimensions > rows.shape[1]:
+            raise UsageError(
+                f"--dimensions {options.dimensions}: more than the {rows.shape[1]} values of {key}"
+            )
+
+
 def _encode_pooled(
     encoder: Any, options: EncodeOptions, strategies: list[str], chunks: Any
 ) -> tuple[int, dict[str, int]]:
@@ -85,6 +98,7 @@ def _encode_pooled(
         "layer_scale": options.layer_scale,
         "prompt": options.prompt,
         "include_prompt": options.include_prompt,
+        "dimensions": options.dimensions,
     }
     widths: dict[str, int] = {}
     with corpus.EmbeddingWriter(

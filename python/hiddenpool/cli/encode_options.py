@@ -17,6 +17,7 @@ class EncodeOptions(ModelOptions):
     input: list[str] = dataclasses.field(default_factory=list)
     output: str = ""
     normalize: bool = False
+    dimensions: int | None = None
     field: str | None = None
     column: str | None = None
     id_column: str | None = None
@@ -65,6 +66,12 @@ def add_arguments(encode: argparse.ArgumentParser) -> None:
         "refused: --format text reads any file as a text a line)",
     )
     encode.add_argument("--normalize", action="store_true", help="scale rows to unit length")
+    encode.add_argument(
+        "--dimensions",
+        type=int,
+        help="keep the first N values of each row, scaled back to unit length where rows "
+        "are normalized (--normalize, or 'model' with a Normalize module), as the server does",
+    )
     encode.add_argument("--field", help="JSON input: the text field (default: text)")
     encode.add_argument("--column", help="CSV/TSV/Parquet input: the text column (default: text)")
     encode.add_argument(
@@ -142,6 +149,8 @@ def encode_strategies(options: EncodeOptions, mode: str) -> list[str]:
         raise UsageError("--word-pool: applies to --words")
     if options.normalize:
         raise UsageError(f"--normalize: applies to pooled embeddings, not --{mode}")
+    if options.dimensions is not None:
+        raise UsageError(f"--dimensions: applies to pooled embeddings, not --{mode}")
     pool_name, layers = span_options(options, mode)
     return [f"{pool_name}@{layers}"]
 

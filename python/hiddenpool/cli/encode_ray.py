@@ -53,6 +53,8 @@ def encode_shards(options: EncodeOptions) -> int:
         raise UsageError("--ray: writes pooled embeddings; --tokens and --words run without it")
     if options.field is not None:
         raise UsageError("--field: --ray takes the text column with --column")
+    if options.dimensions is not None:
+        raise UsageError("--dimensions: not with --ray; cut the columns afterwards")
     if options.format is not None:
         raise UsageError("--format: --ray reads shards by their extension (.jsonl, .parquet)")
     shards = shard_paths(options.input)

@@ -186,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "max_length",
         "threads",
         "repeat",
+        "dimensions",
         "max_concurrent_requests",
         "max_client_batch_size",
         "payload_limit",
