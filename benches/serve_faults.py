@@ -166,6 +166,8 @@ def soak(folder: str, texts: list[str], seconds: float) -> None:
         after_minute = [rss for at, rss in samples if at >= 60]
         growth = (after_minute[-1] - after_minute[0]) if len(after_minute) > 1 else float("nan")
         errors = {k: len(v) for k, v in by_status.items() if k != 200}
+        minutes = [rss for at, rss in samples if int(at) % 60 == 0]
+        print("RSS each minute (MB): " + " ".join(f"{rss:.0f}" for rss in minutes))
         print(
             f"{seconds:.0f} s: {sum(len(v) for v in by_status.values())} requests, errors "
             f"{errors or 'none'}, RSS {samples[0][1]:.0f} -> {samples[-1][1]:.0f} MB "

@@ -148,7 +148,7 @@ class Batcher:
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="hiddenpool-worker", daemon=True)
         self.alive = True  # False once the worker died and cannot recover
-        self._running: list[PoolJob] = []  # the jobs of the batch being computed
+        self._taken: list[_Row] = []  # the rows the worker took and has not finished
         self._eos_token_id: int | None = None
         self.fault_hook: Callable[[TokenBatch], None] | None = _fault_hook_from_environment()
 
@@ -211,6 +211,7 @@ class Batcher:
                     # of 1,000 rows finished every request at its end, then left the worker
                     # with a near-empty queue: 0.68x offline at 64 clients x 16 texts).
                     rows, self._rows = self._rows[:TAKE_ROWS], self._rows[TAKE_ROWS:]
+                    self._taken = rows
                     self.metrics.queue_texts.set(len(self._rows))
                 for call in calls:
                     self._run_call(call)
@@ -231,8 +232,7 @@ class Batcher:
             rows, self._rows = self._rows, []
             calls, self._calls = self._calls, []
         failure = JobFailed(f"the model worker stopped ({type(error).__name__})", 503)
-        jobs = {id(job): job for job in self._running}
-        jobs.update({id(row.job): row.job for row in rows})
+        jobs = {id(row.job): row.job for row in [*self._taken, *rows]}
         for job in jobs.values():
             self._fail(job, failure)
         for call in calls:
@@ -266,7 +266,6 @@ class Batcher:
 
     def _run_batch(self, rows: list[_Row]) -> None:
         jobs = list({id(row.job): row.job for row in rows}.values())
-        self._running = jobs
         started = time.perf_counter()
         for job in jobs:
             if job.started_at is None:
