@@ -242,7 +242,8 @@ def test_json_array_input_and_both_strategy_spellings(tiny_bert_folder, tmp_path
     result = run_cli("compare", "--model", tiny_bert_folder, "--strategy", "cls@last")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("model: ") and lines[1].startswith("data: ")
+    assert lines[0].startswith("model: ") and lines[1] == "runtime: torch, precision fp32"
+    assert lines[2].startswith("data: ")
     assert "encoded once for the 1 strategy" in result.stdout
 
 

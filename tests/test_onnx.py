@@ -325,7 +325,7 @@ def test_bad_arguments_are_refused_before_work(tmp_path):
     assert not (tmp_path / "other").exists()
     with pytest.raises(ValueError, match="device: applies to the torch backend only"):
         Encoder.from_pretrained(folder, device="cpu")
-    with pytest.raises(ValueError, match="backend: expected 'auto', 'torch' or 'onnx'"):
+    with pytest.raises(ValueError, match="backend: expected 'auto', 'torch', 'onnx' or 'openvino'"):
         Encoder.from_pretrained(folder, backend="tensorrt")
     with pytest.raises(ValueError, match=r"backend: .* is an ONNX folder without transformers"):
         Encoder.from_pretrained(folder, backend="torch")

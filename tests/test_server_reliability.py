@@ -210,7 +210,8 @@ def test_a_concurrent_good_request_is_unchanged_by_hostile_ones(faulty, onnx_enc
         generator = random.Random(0)
         for _ in range(40):
             body = generator.choice(
-                [b"{", b'{"input": []}', b'{"input": "zebra"}', b'{"input": [-5]}', b"[" * 5000]
+                # (no "zebra": this server fails whatever batch holds it, by design)
+                [b"{", b'{"input": []}', b'{"input": [-5]}', b'{"input": "\\ud800"}', b"[" * 5000]
             )
             try:
                 response = httpx.post(
@@ -222,7 +223,7 @@ def test_a_concurrent_good_request_is_unchanged_by_hostile_ones(faulty, onnx_enc
             except httpx.TransportError as error:
                 failures.append(f"{body[:12]!r}: {type(error).__name__}: {error}")
                 continue
-            if not (400 <= response.status_code < 500 or response.status_code == 500):
+            if not 400 <= response.status_code < 500:
                 failures.append(f"{body[:12]!r}: {response.status_code}")
 
     noise = [threading.Thread(target=hostile, daemon=True) for _ in range(4)]

@@ -155,12 +155,12 @@ class Encoder:
         if precision == "bf16":
             from hiddenpool.runners.openvino_runner import check_precision
 
-            check_precision("bf16")
             if backend in ("torch", "onnx"):
                 raise ValueError(
                     f"precision: bf16 runs on OpenVINO (ONNX Runtime has no bf16 CPU path); "
                     f"use backend='openvino' or 'auto', not {backend!r}"
                 )
+            check_precision("bf16")
             backend = "openvino"
         if precision == "int8":
             if backend in ("torch", "openvino"):

@@ -175,15 +175,15 @@ def check_precision(options: ModelOptions) -> None:
     if options.precision == "bf16":
         from hiddenpool.runners.openvino_runner import check_precision as cpu_can_run
 
-        try:
-            cpu_can_run("bf16")
-        except ValueError as error:
-            raise UsageError(f"--precision bf16: {str(error).split(': ', 1)[1]}") from None
         if options.backend in ("torch", "onnx"):
             raise UsageError(
                 f"--precision bf16: runs on OpenVINO; use --backend openvino or auto, not "
                 f"{options.backend}"
             )
+        try:
+            cpu_can_run("bf16")
+        except ValueError as error:
+            raise UsageError(f"--precision bf16: {str(error).split(': ', 1)[1]}") from None
         _require("openvino", "--precision bf16", "openvino")
     elif options.precision == "int8" and options.backend in ("torch", "openvino"):
         raise UsageError(

@@ -222,7 +222,7 @@ def embed_request(value: Any, max_items: int) -> EmbedRequest:
     unknown = [name for name in body if name not in EMBED_FIELDS]
     if unknown:
         raise RequestError(
-            422, f"{unknown[0]}: unknown field; known: {', '.join(EMBED_FIELDS)}", unknown[0]
+            422, f"{unknown[0]!r}: unknown field; known: {', '.join(EMBED_FIELDS)}", unknown[0]
         )
     if "inputs" not in body:
         raise RequestError(422, "inputs: required", "inputs")
@@ -277,7 +277,7 @@ def tokens_request(value: Any, max_items: int) -> TokensRequest:
     body = _object(value)
     unknown = [name for name in body if name not in ("inputs", "layers")]
     if unknown:
-        raise RequestError(422, f"{unknown[0]}: unknown field; known: inputs, layers", unknown[0])
+        raise RequestError(422, f"{unknown[0]!r}: unknown field; known: inputs, layers", unknown[0])
     if "inputs" not in body:
         raise RequestError(422, "inputs: required", "inputs")
     inputs = _inputs(body["inputs"], "inputs", max_items, allow_ids=False)
@@ -306,7 +306,7 @@ def chunks_request(value: Any, max_items: int) -> ChunksRequest:
     unknown = [name for name in body if name not in CHUNK_FIELDS]
     if unknown:
         raise RequestError(
-            422, f"{unknown[0]}: unknown field; known: {', '.join(CHUNK_FIELDS)}", unknown[0]
+            422, f"{unknown[0]!r}: unknown field; known: {', '.join(CHUNK_FIELDS)}", unknown[0]
         )
     if "input" not in body:
         raise RequestError(422, "input: required", "input")
