@@ -102,7 +102,6 @@ def serve(options: ServeOptions) -> int:
     checks.check_strategies([strategy])
     model = checks.preflight(options, [strategy])
     sock = _bind(options.host, options.port)
-    _limit_malloc_arenas()
     encoder, model_name = checks.load_encoder(options, model)
     checks.check_against_model(encoder, options, [strategy])
     name = options.served_model_name or (
@@ -181,27 +180,6 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
-
-
-def _limit_malloc_arenas(count: int = 2) -> None:
-    """glibc's malloc arenas capped at ``count`` (as MALLOC_ARENA_MAX would): with one arena
-    per thread by default, the server's threads (event loop, worker, tokenizing, ONNX
-    Runtime's pool) grew its memory in steps over a soak (+83 MB after the first of 10
-    minutes); capped at 2, +33 MB over 5 minutes, flat from the third (benches/
-    serve_faults.py soak). Nothing happens elsewhere than glibc."""
-    import ctypes
-    import ctypes.util
-
-    if os.environ.get("MALLOC_ARENA_MAX"):
-        return  # the user chose
-    name = ctypes.util.find_library("c")
-    if not name or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        libc.mallopt(-8, count)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        return
 
 
 def _run(
