@@ -262,12 +262,15 @@ class Encoder:
 
     @property
     def backend(self) -> Literal["torch", "onnx", "openvino"]:
-        """The runtime under the runner: ``torch``, ``onnx`` (ONNX Runtime), ``openvino``."""
-        from hiddenpool.runners.onnx_runner import OnnxRunner
+        """The runtime under the runner: ``torch``, ``onnx`` (ONNX Runtime), ``openvino``
+        (a runner of one's own that names none counts as torch)."""
+        backend: Literal["torch", "onnx", "openvino"] = getattr(self.runner, "backend", "torch")
+        return backend
 
-        if isinstance(self.runner, OnnxRunner):
-            return "onnx"
-        return "openvino" if type(self.runner).__name__ == "OpenVinoRunner" else "torch"
+    @property
+    def runtime(self) -> str:
+        """The runtime's name for people: ``torch``, ``ONNX Runtime`` or ``OpenVINO``."""
+        return str(getattr(self.runner, "runtime", "torch"))
 
     @property
     def precision(self) -> str:

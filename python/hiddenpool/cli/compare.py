@@ -136,13 +136,9 @@ def _check(options: CompareOptions) -> None:
 
 def _print_header(encoder: Any, model_name: str, strategies: list[str]) -> None:
     print(f"model: {model_name}")
-    print(f"runtime: {_runtime(encoder)}, precision {encoder.precision}")
+    print(f"runtime: {encoder.runtime}, precision {encoder.precision}")
     if "model" in strategies:
         print(f"strategy 'model' = {encoder.describe_model_strategy()} (the model's own pipeline)")
-
-
-def _runtime(encoder: Any) -> str:
-    return {"onnx": "ONNX Runtime", "openvino": "OpenVINO"}.get(encoder.backend, "torch")
 
 
 def _write_outputs(
@@ -165,7 +161,7 @@ def _write_outputs(
             }
         )
         # The runtime and precision the ranking was made under, to rank as deployed.
-        document["runtime"] = _runtime(encoder)
+        document["runtime"] = encoder.runtime
         document["precision"] = encoder.precision
         checks.write_json(options.json, document)
     if options.plot:
@@ -213,7 +209,7 @@ def compare_retrieval(options: CompareOptions) -> int:
     print(report.retrieval_table(comparison))
     if options.json:
         document = comparison.as_json()
-        document["runtime"] = _runtime(encoder)
+        document["runtime"] = encoder.runtime
         document["precision"] = encoder.precision
         checks.write_json(options.json, document)
     return 0

@@ -225,6 +225,7 @@ class GraphRunner:
                 )
             self.projection = np.load(os.path.join(folder, manifest.projection))
         self.projects = self.projection is not None
+        self._open()
         self.input_types = self._graph_inputs()
         self.input_names = list(self.input_types)
         self.output_names = self._graph_outputs()
@@ -255,6 +256,9 @@ class GraphRunner:
         )
 
     # What a runtime gives.
+
+    def _open(self) -> None:
+        """Reads ``self.graph_path`` where the runtime wants it read at once."""
 
     def _graph_inputs(self) -> dict[str, str]:
         """Input names and element types ("tensor(int64)", "tensor(int32)")."""
@@ -326,6 +330,7 @@ class OnnxRunner(GraphRunner):
     """Runs an ONNX folder on ONNX Runtime's CPU provider with
     ``hiddenpool.get_num_threads()`` threads (the session is rebuilt when that changes)."""
 
+    backend = "onnx"
     runtime = "ONNX Runtime"
     precision = "fp32"  # of the computation; the weights may be int8 (manifest.weights)
 
@@ -340,7 +345,6 @@ class OnnxRunner(GraphRunner):
         self._session: Any = None
         self._threads = 0
         self._spin = True
-        self.graph_path = os.path.join(folder, read_manifest(folder).graph)
         super().__init__(folder, max_length=max_length, project=project)
 
     def _graph_inputs(self) -> dict[str, str]:

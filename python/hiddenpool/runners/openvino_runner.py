@@ -11,13 +11,12 @@ differ from ONNX Runtime by 8.6e-3 here (issue "Precision tiers"); with
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 
 from hiddenpool import _native
-from hiddenpool.runners.onnx_runner import GraphRunner, read_manifest
+from hiddenpool.runners.onnx_runner import GraphRunner
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 # CPU features that run bf16 matrix products natively (/proc/cpuinfo flag names).
@@ -54,6 +53,7 @@ class OpenVinoRunner(GraphRunner):
     ONNX Runtime within 1e-5; "bf16" where the CPU has AVX512_BF16 or AMX), with
     ``hiddenpool.get_num_threads()`` threads (recompiled when that changes)."""
 
+    backend = "openvino"
     runtime = "OpenVINO"
 
     def __init__(
@@ -74,10 +74,13 @@ class OpenVinoRunner(GraphRunner):
         check_precision(precision)
         self.precision = precision
         self._core = openvino.Core()
-        self._model = self._core.read_model(os.path.join(folder, read_manifest(folder).graph))
+        self._model: Any = None
         self._compiled: dict[tuple[str, ...], Any] = {}
         self._threads = 0
         super().__init__(folder, max_length=max_length, project=project)
+
+    def _open(self) -> None:
+        self._model = self._core.read_model(self.graph_path)
 
     def _graph_inputs(self) -> dict[str, str]:
         types = {}

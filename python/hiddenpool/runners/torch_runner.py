@@ -52,6 +52,9 @@ class TorchRunner:
     """Runs the text part of a transformers model: ``module`` is the model itself, the
     encoder of an encoder-decoder, or CLIP's text transformer."""
 
+    backend = "torch"
+    runtime = "torch"
+
     def __init__(
         self,
         model: Any,

@@ -149,7 +149,6 @@ class Batcher:
         self._thread = threading.Thread(target=self._work, name="hiddenpool-worker", daemon=True)
         self.alive = True  # False once the worker died and cannot recover
         self._taken: list[_Row] = []  # the rows the worker took and has not finished
-        self._eos_token_id: int | None = None
         self.fault_hook: Callable[[TokenBatch], None] | None = _fault_hook_from_environment()
 
     def start(self) -> None:
@@ -305,7 +304,6 @@ class Batcher:
         for position, row in enumerate(rows):
             groups.setdefault(row.job.signature, []).append(position)
         eos_ids, eos_token_id = self.encoder.eos_inputs(batch.ids)
-        self._eos_token_id = eos_token_id
         real = batch.mask != 0
         hidden = state_list(hidden)
         for positions in groups.values():
@@ -325,10 +323,10 @@ class Batcher:
                     layer_weights=first.layer_weights,
                     layer_scale=first.layer_scale,
                 )
-            except ValueError as error:
+            except ValueError:
                 # One request's texts (an eos pool without the token): fail the requests of
                 # this group, each by its own rows where it can be told apart.
-                self._pool_each(rows, positions, sub_hidden, mask, eos_ids[picked], error)
+                self._pool_each(rows, positions, sub_hidden, mask, eos_ids[picked], eos_token_id)
                 continue
             if prompt.any():
                 # Left-out prompts: weighted means keep each token's rank in the whole text.
@@ -355,7 +353,7 @@ class Batcher:
         hidden: Sequence[Any],
         mask: np.ndarray,
         eos_ids: np.ndarray,
-        error: ValueError,
+        eos_token_id: int | None,
     ) -> None:
         by_job: dict[int, list[int]] = {}
         for offset, position in enumerate(positions):
@@ -369,7 +367,7 @@ class Batcher:
                     mask[picked],
                     job.keys,
                     input_ids=eos_ids[picked],
-                    eos_token_id=self._eos_token_id,
+                    eos_token_id=eos_token_id,
                     missing_eos=job.missing_eos,  # type: ignore[arg-type]
                     layer_weights=job.layer_weights,
                     layer_scale=job.layer_scale,
@@ -382,7 +380,6 @@ class Batcher:
                 self._deliver(
                     rows[positions[offset]], {k: v[index] for k, v in finished.items()}, 0
                 )
-        del error
 
     def _deliver(self, row: _Row, vectors: dict[str, np.ndarray], seconds: float) -> None:
         job = row.job

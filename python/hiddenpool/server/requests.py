@@ -78,6 +78,35 @@ def _object(value: Any) -> dict[str, Any]:
     return value
 
 
+def _fields(value: Any, known: tuple[str, ...], required: str) -> dict[str, Any]:
+    """The body as an object holding only ``known`` fields (an unknown one is an error: a
+    typo would otherwise pass silently) and the ``required`` one."""
+    body = _object(value)
+    unknown = [name for name in body if name not in known]
+    if unknown:
+        raise RequestError(
+            422, f"{unknown[0]!r}: unknown field; known: {', '.join(known)}", unknown[0]
+        )
+    if required not in body:
+        raise RequestError(422, f"{required}: required", required)
+    return body
+
+
+def _encoding(body: dict[str, Any], null_is_default: bool) -> str:
+    """``encoding_format``: float (absent, or null where OpenAI's clients may send it) or
+    base64."""
+    encoding = body.get("encoding_format", "float")
+    if encoding is None and null_is_default:
+        return "float"
+    if encoding not in ("float", "base64"):
+        raise RequestError(
+            422,
+            f"encoding_format: expected 'float' or 'base64', got {encoding!r}",
+            "encoding_format",
+        )
+    return str(encoding)
+
+
 def _kind(value: Any) -> str:
     if value is None:
         return "null"
@@ -185,15 +214,7 @@ def openai_request(value: Any, max_items: int) -> EmbedRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError(422, f"model: expected a string, got {_kind(model)}", "model")
-    encoding = body.get("encoding_format", "float")
-    if encoding is None:
-        encoding = "float"
-    if encoding not in ("float", "base64"):
-        raise RequestError(
-            422,
-            f"encoding_format: expected 'float' or 'base64', got {encoding!r}",
-            "encoding_format",
-        )
+    encoding = _encoding(body, null_is_default=True)
     dimensions = body.get("dimensions")
     if dimensions is not None:
         dimensions = _int(dimensions, "dimensions")
@@ -218,14 +239,7 @@ EMBED_FIELDS = (
 def embed_request(value: Any, max_items: int) -> EmbedRequest:
     """``POST /embed``: hiddenpool's own fields; an unknown field is an error (a typo
     would otherwise pass silently)."""
-    body = _object(value)
-    unknown = [name for name in body if name not in EMBED_FIELDS]
-    if unknown:
-        raise RequestError(
-            422, f"{unknown[0]!r}: unknown field; known: {', '.join(EMBED_FIELDS)}", unknown[0]
-        )
-    if "inputs" not in body:
-        raise RequestError(422, "inputs: required", "inputs")
+    body = _fields(value, EMBED_FIELDS, "inputs")
     inputs = _inputs(body["inputs"], "inputs", max_items, allow_ids=False)
     strategy = body.get("strategy")
     several = isinstance(strategy, list)
@@ -246,13 +260,7 @@ def embed_request(value: Any, max_items: int) -> EmbedRequest:
     if include_prompt is not None:
         include_prompt = _bool(include_prompt, "include_prompt")
     dimensions = body.get("dimensions")
-    encoding = body.get("encoding_format", "float")
-    if encoding not in ("float", "base64"):
-        raise RequestError(
-            422,
-            f"encoding_format: expected 'float' or 'base64', got {encoding!r}",
-            "encoding_format",
-        )
+    encoding = _encoding(body, null_is_default=False)
     return EmbedRequest(
         inputs,
         strategies,
@@ -274,12 +282,7 @@ class TokensRequest:
 
 def tokens_request(value: Any, max_items: int) -> TokensRequest:
     """``POST /embed_tokens``: ``{"inputs": str | [str], "layers": "last"}``."""
-    body = _object(value)
-    unknown = [name for name in body if name not in ("inputs", "layers")]
-    if unknown:
-        raise RequestError(422, f"{unknown[0]!r}: unknown field; known: inputs, layers", unknown[0])
-    if "inputs" not in body:
-        raise RequestError(422, "inputs: required", "inputs")
+    body = _fields(value, ("inputs", "layers"), "inputs")
     inputs = _inputs(body["inputs"], "inputs", max_items, allow_ids=False)
     layers = body.get("layers", "last")
     if not isinstance(layers, str):
@@ -302,14 +305,7 @@ CHUNK_FIELDS = ("input", "spans", "chunk_tokens", "strategy", "normalize")
 def chunks_request(value: Any, max_items: int) -> ChunksRequest:
     """``POST /embed_chunks``: one long text and its chunks as character ``spans`` or as
     ``chunk_tokens``."""
-    body = _object(value)
-    unknown = [name for name in body if name not in CHUNK_FIELDS]
-    if unknown:
-        raise RequestError(
-            422, f"{unknown[0]!r}: unknown field; known: {', '.join(CHUNK_FIELDS)}", unknown[0]
-        )
-    if "input" not in body:
-        raise RequestError(422, "input: required", "input")
+    body = _fields(value, CHUNK_FIELDS, "input")
     text = _check_text(body["input"], "input")
     spans_value = body.get("spans")
     chunk_tokens = body.get("chunk_tokens")
