@@ -111,7 +111,7 @@ class Encoder:
         name_or_path: str | os.PathLike[str] | None = None,
         *,
         backend: Backend = "auto",
-        quantize: Literal["int8"] | None = None,
+        quantize: Literal["int8", "int8-static"] | None = None,
         device: str | None = None,
         dtype: Any = None,
         max_length: int | None = None,
@@ -130,14 +130,17 @@ class Encoder:
         ``model.onnx`` (``onnx/model.onnx`` of a sentence-transformers folder) runs that graph.
         ``backend="onnx"`` on a transformers folder exports it once into a cache folder
         (``$HIDDENPOOL_CACHE``, else ``~/.cache/hiddenpool``) and reuses it; ``quantize="int8"``
-        makes that export dynamically quantized. ``backend="torch"`` always uses transformers.
+        makes that export dynamically quantized, ``"int8-static"`` statically (calibrated on
+        the packaged texts). ``backend="torch"`` always uses transformers.
         ``backend="openvino"`` runs the ONNX folder (or that cached export) on OpenVINO.
 
         ``precision`` is asked for, never implied: ``"fp32"`` (the default, exact);
         ``"bf16"`` runs on OpenVINO in bfloat16 where the CPU has AVX512_BF16 or AMX (a
-        ValueError naming the missing feature elsewhere); ``"int8"`` runs int8 weights on
-        ONNX Runtime (a folder exported with ``quantize="int8"``, or the cached int8 export
-        of a transformers folder).
+        ValueError naming the missing feature elsewhere); ``"int8"`` runs int8 weights: a
+        folder exported with ``quantize="int8-static"`` (on OpenVINO where it is installed,
+        its fastest runtime) or ``quantize="int8"`` (dynamic, on ONNX Runtime), or the cached
+        dynamic int8 export of a transformers folder. ``backend="auto"`` picks the runtime
+        that is fastest for the folder's weights; naming one overrides it.
 
         torch only: ``device`` defaults to CUDA when available, else the CPU; ``dtype`` is a
         torch dtype or its name (``"float16"``, ``"bfloat16"``); ``model_kwargs`` go to the
@@ -148,8 +151,8 @@ class Encoder:
             raise ValueError(
                 f"backend: expected 'auto', 'torch', 'onnx' or 'openvino', got {backend!r}"
             )
-        if quantize not in (None, "int8"):
-            raise ValueError(f"quantize: expected None or 'int8', got {quantize!r}")
+        if quantize not in (None, "int8", "int8-static"):
+            raise ValueError(f"quantize: expected None, 'int8' or 'int8-static', got {quantize!r}")
         if precision not in ("fp32", "bf16", "int8"):
             raise ValueError(f"precision: expected 'fp32', 'bf16' or 'int8', got {precision!r}")
         if precision == "bf16":
@@ -162,13 +165,14 @@ class Encoder:
                 )
             check_precision("bf16")
             backend = "openvino"
-        if precision == "int8":
-            if backend in ("torch", "openvino"):
-                raise ValueError(
-                    f"precision: int8 runs on ONNX Runtime; use backend='onnx' or 'auto', not "
-                    f"{backend!r}"
-                )
-            backend = "onnx"
+        if precision == "int8" and backend == "torch":
+            raise ValueError(
+                "precision: int8 runs ONNX graphs (ONNX Runtime or OpenVINO); use "
+                "backend='auto', 'onnx' or 'openvino', not 'torch'"
+            )
+        asked = backend  # the runtime named, if one was; _graph_runtime decides for "auto"
+        if precision == "int8" and backend == "auto":
+            backend = "onnx"  # a graph (exported once for a transformers folder)
         path = default_model_path() if name_or_path is None else os.fspath(name_or_path)
         if not os.path.exists(path) and looks_like_a_path(path):
             raise FileNotFoundError(f"name_or_path: {path}: no such folder")
@@ -194,22 +198,23 @@ class Encoder:
                     "(`hiddenpool export MODEL --output DIR --quantize int8`)"
                 )
             if precision == "int8" and not onnx_folder:
-                quantize = "int8"
+                quantize = quantize or "int8"
             folder = path if onnx_folder else _cached_export(path, quantize, project)
+            runtime = _graph_runtime(folder, asked, precision)
             runner: Runner
-            if backend == "openvino":
+            if runtime == "openvino":
                 from hiddenpool.runners.openvino_runner import OpenVinoRunner
 
+                # int8 graphs carry their precision in their weights; the rest of the
+                # graph computes in fp32 (OpenVINO would pick bf16 on such CPUs).
                 runner = OpenVinoRunner(
-                    folder, max_length=max_length, project=project, precision=precision
+                    folder,
+                    max_length=max_length,
+                    project=project,
+                    precision="fp32" if precision == "int8" else precision,
                 )
             else:
                 runner = OnnxRunner(folder, max_length=max_length, project=project)
-                if precision == "int8" and runner.manifest.weights != "int8":
-                    raise ValueError(
-                        f"precision: {folder} holds float32 weights; export it with "
-                        "--quantize int8 (or give the transformers folder) for int8"
-                    )
             return cls.from_runner(runner, _pipeline_of(folder, project))
         if quantize is not None:
             raise ValueError("quantize: applies to the ONNX backend only (backend='onnx')")
@@ -278,7 +283,7 @@ class Encoder:
         (weights quantized when the folder was exported); torch models report ``fp32`` unless
         loaded with another dtype."""
         weights = getattr(getattr(self.runner, "manifest", None), "weights", "float32")
-        if weights == "int8":
+        if weights.startswith("int8"):
             return "int8"
         precision = getattr(self.runner, "precision", None)
         if precision is not None:
@@ -966,6 +971,41 @@ def runs_on_onnx(path: str, backend: Backend) -> bool:
     return os.path.isfile(os.path.join(path, MANIFEST)) or not _has_torch_weights(path)
 
 
+def _graph_runtime(folder: str, backend: Backend, precision: Precision) -> str:
+    """``"onnx"`` (ONNX Runtime) or ``"openvino"`` for an ONNX folder: what ``backend``
+    names, else the fastest runtime for the folder's weights (measured on all-MiniLM-L6-v2,
+    BENCHMARKS.md "Precision tiers"): bf16 on OpenVINO only; dynamic int8 on ONNX Runtime
+    (1,236 sentences/s where OpenVINO ran 334); static int8 on OpenVINO where it is
+    installed (1,509 where ONNX Runtime ran 492), else ONNX Runtime; fp32 on ONNX Runtime.
+    A precision the folder's weights cannot give is a ValueError."""
+    from hiddenpool.runners.onnx_runner import read_manifest
+
+    weights = read_manifest(folder).weights
+    if precision == "int8" and not weights.startswith("int8"):
+        raise ValueError(
+            f"precision: {folder} holds {weights} weights; export it with --quantize "
+            "int8-static (or int8), or give the transformers folder, for int8"
+        )
+    if precision == "bf16" and weights != "float32":
+        raise ValueError(f"precision: {folder} holds {weights} weights; bf16 runs a float32 export")
+    if precision == "int8" and weights == "int8" and backend == "openvino":
+        raise ValueError(
+            f"precision: {folder} is dynamically quantized (--quantize int8), which runs on "
+            "ONNX Runtime (OpenVINO ran it at a quarter of the speed); use backend='onnx' or "
+            "'auto', or export with --quantize int8-static for OpenVINO"
+        )
+    if backend in ("onnx", "openvino"):
+        return backend
+    if precision == "bf16":
+        return "openvino"
+        return "openvino"
+    if weights == "int8-static":
+        import importlib.util
+
+        return "openvino" if importlib.util.find_spec("openvino") is not None else "onnx"
+    return "onnx"
+
+
 def _has_torch_weights(path: str) -> bool:
     names = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
     return any(os.path.isfile(os.path.join(path, name)) for name in names)
@@ -979,7 +1019,9 @@ def _cache_root() -> str:
     return os.path.join(base, "hiddenpool")
 
 
-def _cached_export(path: str, quantize: Literal["int8"] | None, project: bool) -> str:
+def _cached_export(
+    path: str, quantize: Literal["int8", "int8-static"] | None, project: bool
+) -> str:
     """The ONNX export of the transformers model at ``path`` in the cache, made on first
     use. The key covers the folder's files (names, sizes, modification times), the
     options and hiddenpool's version, so a changed model or release exports again."""

@@ -184,13 +184,39 @@ def check_precision(options: ModelOptions) -> None:
         except ValueError as error:
             raise UsageError(f"--precision bf16: {str(error).split(': ', 1)[1]}") from None
         _require("openvino", "--precision bf16", "openvino")
-    elif options.precision == "int8" and options.backend in ("torch", "openvino"):
-        raise UsageError(
-            f"--precision int8: runs on ONNX Runtime; use --backend onnx or auto, not "
-            f"{options.backend}"
-        )
+    elif options.precision == "int8":
+        if options.backend == "torch":
+            raise UsageError(
+                "--precision int8: runs ONNX graphs; use --backend auto, onnx or openvino, "
+                "not torch"
+            )
+        check_int8_folder(options)
     if options.backend == "openvino":
         _require("openvino", "--backend openvino", "openvino")
+
+
+def check_int8_folder(options: ModelOptions) -> None:
+    """An ONNX folder given with ``--precision int8`` holds int8 weights the runtime asked
+    for can run (its manifest says which), before the model loads."""
+    from hiddenpool.runners.onnx_runner import MANIFEST, read_manifest
+
+    model = options.model
+    if not model or not os.path.isfile(os.path.join(model, MANIFEST)):
+        return  # a transformers folder: exported (dynamic int8) once, then cached
+    try:
+        weights = read_manifest(model).weights
+    except ValueError as error:
+        raise UsageError(f"--model {model}: {str(error).split(': ', 1)[-1]}") from None
+    if not weights.startswith("int8"):
+        raise UsageError(
+            f"--precision int8: {model} holds {weights} weights; export it with --quantize "
+            "int8-static (or int8)"
+        )
+    if weights == "int8" and options.backend == "openvino":
+        raise UsageError(
+            f"--precision int8: {model} is dynamically quantized, which runs on ONNX Runtime; "
+            "use --backend onnx or auto, or export with --quantize int8-static for OpenVINO"
+        )
 
 
 def _require(module: str, flag: str, extra: str) -> None:

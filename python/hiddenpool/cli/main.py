@@ -4,7 +4,7 @@
     hiddenpool encode [--model M] [--strategy S ...] --input FILE --output OUT.npy|.npz|.parquet
     hiddenpool encode [--model M] --tokens|--words --input FILE --output OUT.jsonl|.npz
     hiddenpool encode --ray [--address ADDR] --input SHARD_OR_GLOB ... --output DIR
-    hiddenpool export [MODEL] --output DIR [--quantize int8]
+    hiddenpool export [MODEL] --output DIR [--quantize int8|int8-static [--calibration TEXTS]]
     hiddenpool serve [--model M] [--host 127.0.0.1] [--port 8000] [--strategy S] [--api-key KEY]
     hiddenpool bench [--shapes BxTxH ...] [--dtypes ...] [--threads N]
 
