@@ -2,7 +2,7 @@
 in this environment: the closure of a requirement (its dependencies, theirs, ... with
 environment markers evaluated), summed over the files each distribution's RECORD lists.
 
-    python benches/install_size.py            # the ONNX runner against the torch runner
+    python benches/install_size.py   # the ONNX and OpenVINO runners against the torch runner
 
 Run it in the development environment (.venv), where both are installed. torch there is
 PyPI's build, which bundles CUDA libraries; a CPU-only torch wheel is smaller.
@@ -22,6 +22,11 @@ WAYS = {
     "ONNX runner: hiddenpool[onnx] (numpy, onnxruntime, tokenizers)": [
         "numpy",
         "onnxruntime",
+        "tokenizers",
+    ],
+    "OpenVINO runner: hiddenpool[openvino] (numpy, openvino, tokenizers)": [
+        "numpy",
+        "openvino",
         "tokenizers",
     ],
     "torch runner: hiddenpool[encoder] (torch, transformers, tqdm)": [
