@@ -370,6 +370,17 @@ def test_busy_server_answers_429_at_once_and_needs_the_key(minilm_onnx):
         assert time.perf_counter() - started < 1.0
         assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
         assert busy.json()["error"]["type"] == "rate_limit_error"
+        assert busy.headers["content-type"] == "application/json"
+        # While busy: the key is still checked first, the alias and hiddenpool's own routes
+        # are refused alike, reads go on, and the 429s are counted under their route.
+        wrong = {"authorization": "Bearer wrong"}
+        assert post(running, "/v1/embeddings", {"input": "a"}, **wrong).status_code == 401
+        assert post(running, "/embeddings", {"input": "a"}, **key).status_code == 429
+        assert post(running, "/embed_tokens", {"inputs": "a"}, **key).status_code == 429
+        assert httpx.get(f"{running.url}/health").status_code == 200
+        counted = httpx.get(f"{running.url}/metrics", headers=key).text
+        assert 'hiddenpool_requests_total{route="/v1/embeddings",status="429"} 2' in counted
+        assert 'hiddenpool_requests_total{route="/embed_tokens",status="429"} 1' in counted
         for thread in slow:
             thread.join(300)
         ok = httpx.post(f"{running.url}/v1/embeddings", json={"input": "a"}, headers=key)

@@ -32,6 +32,7 @@ from hiddenpool.runners.tokens import (
     pad_batch,
     plan_batches_by_cost,
 )
+from hiddenpool.server.memory import Trimmer
 from hiddenpool.server.metrics import Metrics
 
 
@@ -150,6 +151,7 @@ class Batcher:
         self.alive = True  # False once the worker died and cannot recover
         self._taken: list[_Row] = []  # the rows the worker took and has not finished
         self.fault_hook: Callable[[TokenBatch], None] | None = _fault_hook_from_environment()
+        self._trimmer = Trimmer()  # freed memory back to the system, once a second at most
 
     def start(self) -> None:
         self._thread.start()
@@ -216,6 +218,7 @@ class Batcher:
                     self._run_call(call)
                 if rows:
                     self._run_rows(rows)
+                self._trimmer.maybe_trim()
         except BaseException as error:
             # The worker must not die silently: say why, and fail what waits on it.
             print(

@@ -1,0 +1,54 @@
+"""Giving freed memory back to the operating system between batches.
+
+A server's memory is freed in one thread and allocated in others (the event loop parses
+bodies and builds responses, tokenizing runs in a thread pool and in the tokenizers
+package's own threads, the worker runs the model and pools), and glibc's malloc keeps what
+is freed inside its per-thread arenas for reuse rather than returning it. Under a soak of
+mixed request sizes the server's RSS grew in steps (+73 to +83 MB after the first minute)
+while the Python heap stayed flat (tracemalloc: 28-48 MB throughout) and the same encoding
+without the server grew by 16 MB: the growth was freed memory held by the allocator.
+``malloc_trim(0)`` hands free pages of every arena back; it costs milliseconds, so the
+worker calls it at most once per ``interval`` seconds. Elsewhere than glibc it does
+nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import time
+from typing import Any
+
+
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    try:
+        library = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = library.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+class Trimmer:
+    """Calls ``malloc_trim(0)`` from ``maybe_trim`` at most once per ``interval`` seconds."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._trim = _malloc_trim()
+        self._last = time.monotonic()
+
+    @property
+    def available(self) -> bool:
+        return self._trim is not None
+
+    def maybe_trim(self) -> bool:
+        """Trims if the interval has passed since the last trim; whether it did."""
+        now = time.monotonic()
+        if self._trim is None or now - self._last < self.interval:
+            return False
+        self._trim(0)
+        self._last = time.monotonic()
+        return True

@@ -1,0 +1,54 @@
+"""The server's worker hands freed memory back to the system (glibc's malloc_trim), at most
+once per interval: freed heap memory that glibc would keep is returned, measured in RSS."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import time
+
+import pytest
+
+from hiddenpool.server.memory import Trimmer
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_trimming_returns_freed_heap_memory():
+    trimmer = Trimmer(interval=0)
+    if not trimmer.available:
+        pytest.skip("the C library has no malloc_trim (not glibc)")
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    # 200 MB in 64 KB blocks (under glibc's mmap threshold, so from the heap), each touched;
+    # all freed but the last, which pins the heap's top so free() alone cannot shrink it.
+    blocks = [libc.malloc(65536) for _ in range(3200)]
+    for block in blocks:
+        ctypes.memset(block, 1, 65536)
+    before = rss_mb()
+    for block in blocks[:-1]:
+        libc.free(block)
+    freed = rss_mb()
+    assert trimmer.maybe_trim()
+    trimmed = rss_mb()
+    libc.free(blocks[-1])
+    assert freed > before - 50  # glibc kept what was freed
+    assert trimmed < freed - 150  # and malloc_trim gave it back
+
+
+def test_trimming_at_most_once_per_interval():
+    trimmer = Trimmer(interval=0.2)
+    if not trimmer.available:
+        pytest.skip("the C library has no malloc_trim (not glibc)")
+    assert not trimmer.maybe_trim()  # the interval starts when the trimmer is made
+    time.sleep(0.25)
+    assert trimmer.maybe_trim()
+    assert not trimmer.maybe_trim()
