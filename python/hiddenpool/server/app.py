@@ -16,11 +16,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hiddenpool.server.requests import RequestError
 from hiddenpool.server.routes import Routes, json_response
@@ -41,7 +39,7 @@ def create_app(encoder: Any, settings: ServerSettings, announce: str | None = No
         async def endpoint(request: Request) -> Response:
             try:
                 if name != "/health":
-                    _authorize(request, service)
+                    _authorize(request, settings.api_key)
                 if service.draining and request.method == "POST":
                     raise RequestError(
                         503, "server shutting down; retry on another instance", code="draining"
@@ -91,71 +89,18 @@ def create_app(encoder: Any, settings: ServerSettings, announce: str | None = No
         Route("/metrics", route("/metrics", handlers.metrics), methods=["GET"]),
         Route("/openapi.json", route("/openapi.json", handlers.openapi), methods=["GET"]),
     ]
-    # The routes that compute, by path, under the name their metrics use.
-    computing = {
-        route.path: route.path if route.path != "/embeddings" else "/v1/embeddings"
-        for route in routes
-        if "POST" in (route.methods or ())
-    }
-    app = Starlette(
-        routes=routes,
-        lifespan=lifespan,
-        middleware=[Middleware(Admission, service=service, routes=computing)],
-    )
+    app = Starlette(routes=routes, lifespan=lifespan)
     app.state.service = service
     return app
 
 
-class Admission:
-    """Plain ASGI in front of the routing: while ``--max-concurrent-requests`` are in flight,
-    a POST to a route that computes is answered 429 here, before Starlette makes a Request
-    of it, routes it or reads its body. Under overload the event loop is the bottleneck (the
-    same cores parse, tokenize and run the model), and a 429 that queued behind full
-    requests' handling waited for them: this path costs the loop the least per refusal.
-    Requests it cannot answer alone (a wrong API key: 401 first; draining: 503) go on to
-    the routes, which check the same limit again."""
-
-    def __init__(self, app: ASGIApp, service: Service, routes: dict[str, str]) -> None:
-        self.app = app
-        self.service = service
-        self.routes = routes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        service = self.service
-        if (
-            scope["type"] == "http"
-            and service.in_flight >= service.settings.max_concurrent_requests
-            and scope["method"] == "POST"
-            and not service.draining
-        ):
-            name = self.routes.get(scope["path"])
-            if name is not None and _key_matches(_header(scope, b"authorization"), service):
-                error = service.busy()
-                response = json_response(error.body(), error.status, error.headers)
-                await response(scope, receive, send)
-                service.metrics.requests.inc(1, name, "429")
-                return
-        await self.app(scope, receive, send)
-
-
-def _header(scope: Scope, name: bytes) -> str:
-    for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value).decode("latin-1")
-    return ""
-
-
-def _key_matches(given: str, service: Service) -> bool:
-    """``Authorization: Bearer KEY`` exactly (or no key set), compared in constant time."""
-    api_key = service.settings.api_key
+def _authorize(request: Request, api_key: str | None) -> None:
+    """``Authorization: Bearer KEY`` exactly, compared in constant time."""
     if api_key is None:
-        return True
+        return
+    given = request.headers.get("authorization", "")
     expected = f"Bearer {api_key}"
-    return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8"))
-
-
-def _authorize(request: Request, service: Service) -> None:
-    if not _key_matches(request.headers.get("authorization", ""), service):
+    if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):
         raise RequestError(
             401,
             "authorization: missing or wrong API key (Authorization: Bearer KEY)",

@@ -90,20 +90,16 @@ class Service:
 
     # Requests: permits, tokenizing, the batcher.
 
-    def busy(self) -> RequestError:
-        """The 429 of a full server."""
-        return RequestError(
-            429,
-            f"server busy: {self.settings.max_concurrent_requests} requests in flight "
-            "(--max-concurrent-requests); retry shortly",
-            code="rate_limit_exceeded",
-            headers={"Retry-After": "1"},
-        )
-
     @contextlib.contextmanager
     def permit(self) -> Any:
         if self.in_flight >= self.settings.max_concurrent_requests:
-            raise self.busy()
+            raise RequestError(
+                429,
+                f"server busy: {self.settings.max_concurrent_requests} requests in flight "
+                "(--max-concurrent-requests); retry shortly",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
         self.in_flight += 1
         try:
             yield
