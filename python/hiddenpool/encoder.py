@@ -973,10 +973,10 @@ def runs_on_onnx(path: str, backend: Backend) -> bool:
 
 def _graph_runtime(folder: str, backend: Backend, precision: Precision) -> str:
     """``"onnx"`` (ONNX Runtime) or ``"openvino"`` for an ONNX folder: what ``backend``
-    names, else the fastest runtime for the folder's weights (measured on all-MiniLM-L6-v2,
-    BENCHMARKS.md "Precision tiers"): bf16 on OpenVINO only; dynamic int8 on ONNX Runtime
-    (1,236 sentences/s where OpenVINO ran 334); static int8 on OpenVINO where it is
-    installed (1,509 where ONNX Runtime ran 492), else ONNX Runtime; fp32 on ONNX Runtime.
+    names, else the fastest runtime for the folder's weights (all-MiniLM-L6-v2, 2 threads,
+    BENCHMARKS.md "End to end"): bf16 on OpenVINO only; dynamic int8 on ONNX Runtime (929
+    sentences/s where OpenVINO ran 338); static int8 on OpenVINO where it is installed
+    (1,380 where ONNX Runtime ran 751), else ONNX Runtime; fp32 on ONNX Runtime.
     A precision the folder's weights cannot give is a ValueError."""
     from hiddenpool.runners.onnx_runner import read_manifest
 

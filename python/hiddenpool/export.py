@@ -116,9 +116,9 @@ def export_onnx(
 def default_calibration_texts() -> list[str]:
     """The texts ``quantize="int8-static"`` calibrates on by default: ~150 written for
     hiddenpool (captions, news, questions, forum answers, reviews, instructions, code,
-    numbers, dialogue, a few other languages; 1 to ~130 tokens), apart from the STS sample
+    numbers, dialogue, a few other languages; 1 to 256 tokens), apart from the STS sample
     and from STS-B. Calibrated on the STS sample's 78 short sentences alone, long forum
-    answers of STS-B dev fell to cosine 0.77 against fp32; on these, 0.987 at worst.
+    answers of STS-B dev fell to cosine 0.77 against fp32; on these, 0.989 at worst.
 
     >>> texts = default_calibration_texts()
     >>> len(texts) > 100, all(text.strip() == text and text for text in texts)
@@ -415,12 +415,14 @@ def _quantize(path: str) -> None:
 
 def _quantize_static(path: str, runner: Any, input_names: list[str], texts: list[str]) -> None:
     """Static int8 quantization in place with NNCF (transformer preset: SmoothQuant, fast
-    bias correction, int8 MatMuls with per-channel weights, activation scales from ``texts``
-    fed one at a time, so no padding enters the ranges). Chosen over ONNX Runtime's static
-    QDQ quantization on all-MiniLM-L6-v2 (STS-B dev, mean@last, 2 threads): NNCF's graph on
-    OpenVINO ran 1,509 sentences/s at Spearman -0.0003 from fp32; ONNX Runtime's, with the
-    attention products and the second feed-forward MatMul left in float (quantizing them
-    too lost 0.028), ran 750/s at -0.0001 (BENCHMARKS.md "Precision tiers")."""
+    bias correction, int8 MatMuls with per-channel weights, the attention products in
+    float, activation scales from ``texts`` fed one at a time, so no padding enters the
+    ranges). Chosen over ONNX Runtime's ``quantize_static`` (QDQ, per-channel weights) on
+    all-MiniLM-L6-v2, STS-B dev, mean@last, 2 threads (``benches/static_int8.py``): NNCF's
+    graph ran 1,517 sentences/s on OpenVINO at -0.02 Spearman points from fp32 (worst row
+    cosine 0.989); ONNX Runtime's lost 0.31 points on every weight MatMul (worst cosine
+    0.80), and with each layer's second feed-forward MatMul left in float kept quality
+    (+0.02) at 840 sentences/s."""
     import onnx
 
     nncf = _import_nncf()
