@@ -998,7 +998,6 @@ def _graph_runtime(folder: str, backend: Backend, precision: Precision) -> str:
         return backend
     if precision == "bf16":
         return "openvino"
-        return "openvino"
     if weights == "int8-static":
         import importlib.util
 

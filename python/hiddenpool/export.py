@@ -420,9 +420,9 @@ def _quantize_static(path: str, runner: Any, input_names: list[str], texts: list
     ranges). Chosen over ONNX Runtime's ``quantize_static`` (QDQ, per-channel weights) on
     all-MiniLM-L6-v2, STS-B dev, mean@last, 2 threads (``benches/static_int8.py``): NNCF's
     graph ran 1,517 sentences/s on OpenVINO at -0.02 Spearman points from fp32 (worst row
-    cosine 0.989); ONNX Runtime's lost 0.31 points on every weight MatMul (worst cosine
-    0.80), and with each layer's second feed-forward MatMul left in float kept quality
-    (+0.02) at 840 sentences/s."""
+    cosine 0.989); ONNX Runtime's lost 0.29-0.31 points quantizing every MatMul or every
+    weight MatMul (worst cosines 0.80-0.82), and kept quality (+0.02) only with each
+    layer's second feed-forward MatMul left in float, at 840 sentences/s."""
     import onnx
 
     nncf = _import_nncf()
