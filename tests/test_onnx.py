@@ -320,7 +320,7 @@ def test_bad_arguments_are_refused_before_work(tmp_path):
     folder = export_onnx(Encoder(model, tokenizer), tmp_path / "bert")
     with pytest.raises(ValueError, match=r"output_dir: .* exists and is not an empty folder"):
         export_onnx(Encoder(model, tokenizer), folder)
-    with pytest.raises(ValueError, match="quantize: expected None, 'int8' or 'int8-static', got 'int4'"):
+    with pytest.raises(ValueError, match="expected None, 'int8' or 'int8-static', got 'int4'"):
         export_onnx(Encoder(model, tokenizer), tmp_path / "other", quantize="int4")
     assert not (tmp_path / "other").exists()
     with pytest.raises(ValueError, match="device: applies to the torch backend only"):
