@@ -1,5 +1,6 @@
 """The server's worker hands freed memory back to the system (glibc's malloc_trim), at most
-once per interval: freed heap memory that glibc would keep is returned, measured in RSS."""
+once per interval: freed heap memory that glibc would keep is returned, measured in RSS;
+and the server runs ONNX Runtime without its arena, with the same rows."""
 
 from __future__ import annotations
 
@@ -52,3 +53,21 @@ def test_trimming_at_most_once_per_interval():
     time.sleep(0.25)
     assert trimmer.maybe_trim()
     assert not trimmer.maybe_trim()
+
+
+def test_the_server_runs_onnx_runtime_without_its_arena(onnx_encoder, minilm_onnx):
+    """The server turns the arena off (and the session is rebuilt with it off); rows are
+    the same bit for bit."""
+    np = pytest.importorskip("numpy")
+    from hiddenpool import Encoder
+    from hiddenpool.server.service import ServerSettings, Service
+
+    texts = ["a cat sat on the mat", "hi", "the quick brown fox jumps over the lazy dog"]
+    expected = onnx_encoder.encode(texts, "mean@last")
+    encoder = Encoder.from_pretrained(minilm_onnx)
+    assert encoder.runner.memory_arena
+    Service(encoder, ServerSettings(model_path=minilm_onnx, served_model_name="m"))
+    assert encoder.runner.memory_arena is False and encoder.runner.spin is False
+    rows = encoder.encode(texts, "mean@last")
+    assert encoder.runner._session.get_session_options().enable_cpu_mem_arena is False
+    np.testing.assert_array_equal(rows, expected)

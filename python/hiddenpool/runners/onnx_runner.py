@@ -345,6 +345,7 @@ class OnnxRunner(GraphRunner):
         self._session: Any = None
         self._threads = 0
         self._spin = True
+        self._arena = True
         super().__init__(folder, max_length=max_length, project=project)
 
     def _graph_inputs(self) -> dict[str, str]:
@@ -369,6 +370,21 @@ class OnnxRunner(GraphRunner):
             self._spin = bool(value)
             self._session = None
 
+    @property
+    def memory_arena(self) -> bool:
+        """Whether ONNX Runtime keeps freed buffers in its own arena (its default), which
+        grows in steps to the largest batch shapes met and never shrinks. False allocates
+        from the system each run, which with ``hiddenpool serve``'s trimming keeps a long-
+        running server's memory flat, at no measured cost in speed (``benches/arena.py``,
+        BENCHMARKS.md "Serving under load and faults"); the session is rebuilt."""
+        return self._arena
+
+    @memory_arena.setter
+    def memory_arena(self, value: bool) -> None:
+        if bool(value) != self._arena:
+            self._arena = bool(value)
+            self._session = None
+
     def _current_session(self) -> Any:
         threads = _native.get_num_threads()
         if self._session is None or threads != self._threads:
@@ -380,6 +396,7 @@ class OnnxRunner(GraphRunner):
             options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
             options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
             options.log_severity_level = 3  # errors only
+            options.enable_cpu_mem_arena = self._arena
             if not self._spin:
                 # Threads that sleep between runs instead of spinning: a server's event
                 # loop shares the cores with them (spinning threads took its CPU between

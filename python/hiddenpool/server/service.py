@@ -65,6 +65,10 @@ class Service:
         runner = encoder.runner
         if hasattr(runner, "spin"):
             runner.spin = False  # the event loop needs the cores between batches
+        if hasattr(runner, "memory_arena"):
+            # Buffers from the system, handed back between batches (server/memory.py):
+            # the arena grew in steps over a soak and held them.
+            runner.memory_arena = False
         self.tokenizer = runner.tokenizer
         self.state_count = runner.state_count()
         lead, tail = self.tokenizer.special_frame()
