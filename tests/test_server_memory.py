@@ -25,6 +25,7 @@ def test_trimming_returns_freed_heap_memory():
     trimmer = Trimmer(interval=0)
     if not trimmer.available:
         pytest.skip("the C library has no malloc_trim (not glibc)")
+    trimmer.worked()
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
@@ -45,14 +46,18 @@ def test_trimming_returns_freed_heap_memory():
     assert trimmed < freed - 150  # and malloc_trim gave it back
 
 
-def test_trimming_at_most_once_per_interval():
+def test_trimming_after_work_at_most_once_per_interval():
     trimmer = Trimmer(interval=0.2)
     if not trimmer.available:
         pytest.skip("the C library has no malloc_trim (not glibc)")
-    assert not trimmer.maybe_trim()  # the interval starts when the trimmer is made
+    time.sleep(0.25)
+    assert not trimmer.maybe_trim()  # no work since it was made: nothing owed
+    trimmer.worked()
+    assert trimmer.pending and trimmer.maybe_trim() and not trimmer.pending
+    trimmer.worked()
+    assert not trimmer.maybe_trim()  # owed, but within the interval
     time.sleep(0.25)
     assert trimmer.maybe_trim()
-    assert not trimmer.maybe_trim()
 
 
 def test_the_server_runs_onnx_runtime_without_its_arena(onnx_encoder, minilm_onnx):
@@ -71,3 +76,38 @@ def test_the_server_runs_onnx_runtime_without_its_arena(onnx_encoder, minilm_onn
     rows = encoder.encode(texts, "mean@last")
     assert encoder.runner._session.get_session_options().enable_cpu_mem_arena is False
     np.testing.assert_array_equal(rows, expected)
+
+
+def test_an_idle_worker_trims_once_after_its_last_work(onnx_encoder):
+    """A job that ends within the interval of the last trim leaves a trim owed; the idle
+    worker pays it when the interval is up instead of at the next request (there is none
+    here), and only once."""
+    import threading
+
+    from hiddenpool.server.batcher import Batcher, CallJob
+    from hiddenpool.server.metrics import Metrics
+
+    batcher = Batcher(onnx_encoder, 1024, Metrics())
+    trimmer = batcher._trimmer
+    if not trimmer.available:
+        pytest.skip("the C library has no malloc_trim (not glibc)")
+    trims: list[float] = []
+    real_trim = trimmer._trim
+    trimmer._trim = lambda pad: trims.append(time.monotonic()) or real_trim(pad)
+    trimmer.interval = 1.0
+    batcher.start()
+    try:
+        done = threading.Event()
+        rows = []
+        job = CallJob(
+            function=lambda: rows.append(onnx_encoder.encode(["a cat"] * 50, "mean@last")),
+            on_done=lambda _: done.set(),
+        )
+        last = trimmer._last = time.monotonic()  # a trim just now: the job ends within 1 s
+        batcher.submit(job)
+        assert done.wait(30) and job.error is None and rows[0].shape == (50, 384)
+        time.sleep(2.5)
+        assert len(trims) == 1 and trims[0] - last >= 0.99  # once, when the interval was up
+        assert not trimmer.pending
+    finally:
+        batcher.stop()

@@ -203,7 +203,13 @@ class Batcher:
             while True:
                 with self._condition:
                     while not self._rows and not self._calls and not self._stopping:
-                        self._condition.wait()
+                        if self._trimmer.pending:
+                            # Idle after work: trim once the interval is up, not at the
+                            # next request (a burst's memory would stay until then).
+                            self._condition.wait(self._trimmer.interval)
+                            self._trimmer.maybe_trim()
+                        else:
+                            self._condition.wait()
                     if self._stopping and not self._rows and not self._calls:
                         return
                     calls, self._calls = self._calls, []
@@ -218,6 +224,7 @@ class Batcher:
                     self._run_call(call)
                 if rows:
                     self._run_rows(rows)
+                self._trimmer.worked()
                 self._trimmer.maybe_trim()
         except BaseException as error:
             # The worker must not die silently: say why, and fail what waits on it.

@@ -33,22 +33,32 @@ def _malloc_trim() -> Any:
 
 
 class Trimmer:
-    """Calls ``malloc_trim(0)`` from ``maybe_trim`` at most once per ``interval`` seconds."""
+    """Calls ``malloc_trim(0)`` from ``maybe_trim`` at most once per ``interval`` seconds,
+    and only after work (``worked``) since the last trim: ``pending`` says a trim is owed,
+    so an idle worker can wait ``interval`` and trim once rather than keep a burst's memory
+    until the next request."""
 
     def __init__(self, interval: float = 1.0) -> None:
         self.interval = interval
         self._trim = _malloc_trim()
         self._last = time.monotonic()
+        self.pending = False
 
     @property
     def available(self) -> bool:
         return self._trim is not None
 
+    def worked(self) -> None:
+        """Memory may have been freed since the last trim."""
+        self.pending = self._trim is not None
+
     def maybe_trim(self) -> bool:
-        """Trims if the interval has passed since the last trim; whether it did."""
+        """Trims if one is owed and the interval has passed since the last; whether it did."""
         now = time.monotonic()
-        if self._trim is None or now - self._last < self.interval:
+        if not self.pending or now - self._last < self.interval:
             return False
+        assert self._trim is not None
         self._trim(0)
         self._last = time.monotonic()
+        self.pending = False
         return True
