@@ -10,13 +10,13 @@ import importlib.util
 import os
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import warnings
 
 import numpy as np
 
 import hiddenpool
+from site_size import site_packages_mb
 
 folder = sys.argv[1]
 for absent in ("torch", "transformers"):
@@ -50,12 +50,5 @@ with tempfile.TemporaryDirectory() as scratch:
 # texts.txt holds the texts with newlines as spaces, so compare the rows without them.
 np.testing.assert_allclose(from_cli[[0, 1, 2, 3]], rows[[0, 1, 2, 3]], atol=1e-6)
 print("hiddenpool encode --model FOLDER:", result.stdout.strip())
-site = sysconfig.get_paths()["purelib"]
-size = sum(
-    os.path.getsize(os.path.join(root, name))
-    for root, _, names in os.walk(site)
-    for name in names
-    if not os.path.islink(os.path.join(root, name))
-)
 print("ONNX runner without torch equals SentenceTransformer to 1e-5")
-print(f"site-packages of this environment: {size / 1e6:.0f} MB")
+print(f"site-packages of this environment: {site_packages_mb():.0f} MB")

@@ -11,13 +11,13 @@ import importlib.util
 import os
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import warnings
 
 import numpy as np
 
 import hiddenpool
+from site_size import site_packages_mb
 
 folder = sys.argv[1]
 for absent in ("torch", "transformers", "onnxruntime"):
@@ -57,13 +57,6 @@ assert float((quantized * rows).sum(1).min()) > 0.95
 assert float(np.abs(quantized - rows).max()) > 1e-4  # int8 really ran
 loaded = sorted(name for name in ("torch", "transformers", "onnxruntime") if name in sys.modules)
 assert not loaded, loaded
-site = sysconfig.get_paths()["purelib"]
-size = sum(
-    os.path.getsize(os.path.join(root, name))
-    for root, _, names in os.walk(site)
-    for name in names
-    if not os.path.islink(os.path.join(root, name))
-)
 print("OpenVINO runner without torch or onnxruntime equals SentenceTransformer to 1e-5")
 print("int8-static export on OpenVINO within cosine 0.95 of fp32")
-print(f"site-packages of this environment: {size / 1e6:.0f} MB")
+print(f"site-packages of this environment: {site_packages_mb():.0f} MB")

@@ -170,7 +170,7 @@ class Encoder:
                 "precision: int8 runs ONNX graphs (ONNX Runtime or OpenVINO); use "
                 "backend='auto', 'onnx' or 'openvino', not 'torch'"
             )
-        asked = backend  # the runtime named, if one was; _graph_runtime decides for "auto"
+        asked = backend  # the runtime named, if one was; graph_runtime decides for "auto"
         if precision == "int8" and backend == "auto":
             backend = "onnx"  # a graph (exported once for a transformers folder)
         path = default_model_path() if name_or_path is None else os.fspath(name_or_path)
@@ -200,7 +200,7 @@ class Encoder:
             if precision == "int8" and not onnx_folder:
                 quantize = quantize or "int8"
             folder = path if onnx_folder else _cached_export(path, quantize, project)
-            runtime = _graph_runtime(folder, asked, precision)
+            runtime = graph_runtime(folder, asked, precision)
             runner: Runner
             if runtime == "openvino":
                 from hiddenpool.runners.openvino_runner import OpenVinoRunner
@@ -971,13 +971,14 @@ def runs_on_onnx(path: str, backend: Backend) -> bool:
     return os.path.isfile(os.path.join(path, MANIFEST)) or not _has_torch_weights(path)
 
 
-def _graph_runtime(folder: str, backend: Backend, precision: Precision) -> str:
+def graph_runtime(folder: str, backend: Backend, precision: Precision) -> str:
     """``"onnx"`` (ONNX Runtime) or ``"openvino"`` for an ONNX folder: what ``backend``
     names, else the fastest runtime for the folder's weights (all-MiniLM-L6-v2, 2 threads,
     BENCHMARKS.md "End to end"): bf16 on OpenVINO only; dynamic int8 on ONNX Runtime (929
     sentences/s where OpenVINO ran 338); static int8 on OpenVINO where it is installed
     (1,380 where ONNX Runtime ran 751), else ONNX Runtime; fp32 on ONNX Runtime.
-    A precision the folder's weights cannot give is a ValueError."""
+    A precision the folder's weights cannot give is a ValueError naming ``precision`` (the
+    command line checks the same with this, before anything loads)."""
     from hiddenpool.runners.onnx_runner import read_manifest
 
     weights = read_manifest(folder).weights
@@ -991,8 +992,8 @@ def _graph_runtime(folder: str, backend: Backend, precision: Precision) -> str:
     if precision == "int8" and weights == "int8" and backend == "openvino":
         raise ValueError(
             f"precision: {folder} is dynamically quantized (--quantize int8), which runs on "
-            "ONNX Runtime (OpenVINO ran it at a quarter of the speed); use backend='onnx' or "
-            "'auto', or export with --quantize int8-static for OpenVINO"
+            "ONNX Runtime (OpenVINO ran it at a quarter of the speed); use backend onnx or "
+            "auto, or export with --quantize int8-static for OpenVINO"
         )
     if backend in ("onnx", "openvino"):
         return backend

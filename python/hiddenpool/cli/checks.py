@@ -184,39 +184,34 @@ def check_precision(options: ModelOptions) -> None:
         except ValueError as error:
             raise UsageError(f"--precision bf16: {str(error).split(': ', 1)[1]}") from None
         _require("openvino", "--precision bf16", "openvino")
-    elif options.precision == "int8":
-        if options.backend == "torch":
-            raise UsageError(
-                "--precision int8: runs ONNX graphs; use --backend auto, onnx or openvino, "
-                "not torch"
-            )
-        check_int8_folder(options)
+    elif options.precision == "int8" and options.backend == "torch":
+        raise UsageError(
+            "--precision int8: runs ONNX graphs; use --backend auto, onnx or openvino, not torch"
+        )
+    check_folder_precision(options)
     if options.backend == "openvino":
         _require("openvino", "--backend openvino", "openvino")
 
 
-def check_int8_folder(options: ModelOptions) -> None:
-    """An ONNX folder given with ``--precision int8`` holds int8 weights the runtime asked
-    for can run (its manifest says which), before the model loads."""
-    from hiddenpool.runners.onnx_runner import MANIFEST, read_manifest
+def check_folder_precision(options: ModelOptions) -> None:
+    """``--precision`` (bf16 or int8) against the weights an exported folder holds and the
+    runtime asked for, before the model loads: the Encoder's own check
+    (``encoder.graph_runtime``, which reads only the manifest), its errors named by flag."""
+    from hiddenpool.runners.onnx_runner import MANIFEST
 
     model = options.model
-    if not model or not os.path.isfile(os.path.join(model, MANIFEST)):
+    if options.precision == "fp32" or not model:
+        return
+    if not os.path.isfile(os.path.join(model, MANIFEST)):
         return  # a transformers folder: exported (dynamic int8) once, then cached
+    from hiddenpool.encoder import graph_runtime
+
     try:
-        weights = read_manifest(model).weights
+        graph_runtime(model, options.backend, options.precision)
     except ValueError as error:
-        raise UsageError(f"--model {model}: {str(error).split(': ', 1)[-1]}") from None
-    if not weights.startswith("int8"):
-        raise UsageError(
-            f"--precision int8: {model} holds {weights} weights; export it with --quantize "
-            "int8-static (or int8)"
-        )
-    if weights == "int8" and options.backend == "openvino":
-        raise UsageError(
-            f"--precision int8: {model} is dynamically quantized, which runs on ONNX Runtime; "
-            "use --backend onnx or auto, or export with --quantize int8-static for OpenVINO"
-        )
+        field, _, message = str(error).partition(": ")
+        flag = f"--precision {options.precision}" if field == "precision" else f"--model {model}"
+        raise UsageError(f"{flag}: {message}") from None
 
 
 def _require(module: str, flag: str, extra: str) -> None:
