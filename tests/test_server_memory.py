@@ -111,3 +111,79 @@ def test_an_idle_worker_trims_once_after_its_last_work(onnx_encoder):
         assert not trimmer.pending
     finally:
         batcher.stop()
+
+
+def test_a_request_leaves_no_reference_cycles(onnx_encoder, minilm_onnx):
+    """Requests through the OpenAI handler, with the collector off, leave nothing for it
+    to find: each request's objects are freed by reference counting as it ends (a cycle
+    per request made the event loop's full collections long under load), and the
+    answers are the encoder's own rows."""
+    import asyncio
+    import gc
+    import json
+
+    import numpy as np
+    from starlette.requests import Request
+
+    from hiddenpool.server.routes import Routes
+    from hiddenpool.server.service import ServerSettings, Service
+
+    service = Service(onnx_encoder, ServerSettings(model_path=minilm_onnx, served_model_name="m"))
+    routes = Routes(service)
+    texts = ["a cat sits on the mat", "two dogs", "x"]
+    body = json.dumps({"input": texts}).encode()
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/embeddings",
+        "headers": [(b"content-type", b"application/json")],
+    }
+
+    async def one() -> list[list[float]]:
+        sent = False
+
+        async def receive() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()  # the client stays
+            raise AssertionError("unreachable")
+
+        response = await routes.openai_embeddings(Request(scope, receive))
+        assert response.status_code == 200
+        return [item["embedding"] for item in json.loads(bytes(response.body))["data"]]
+
+    async def scenario() -> tuple[int, list[list[list[float]]]]:
+        await one()  # objects made once (caches, the plan) are not the requests'
+        gc.collect()
+        gc.disable()
+        try:
+            answers = [await one() for _ in range(20)]
+            return gc.collect(), answers
+        finally:
+            gc.enable()
+
+    service.batcher.start()
+    try:
+        unreachable, answers = asyncio.run(scenario())
+    finally:
+        service.batcher.stop()
+    assert unreachable == 0
+    expected = onnx_encoder.encode(texts)
+    for answer in answers:
+        np.testing.assert_allclose(np.array(answer), expected, atol=1e-6)
+
+
+def test_the_serving_collector_freezes_and_restores():
+    """While serving, what was alive is frozen out of the scans and full collections are
+    rarer; both are as they were afterwards."""
+    import gc
+
+    from hiddenpool.server.memory import FULL_COLLECTION_EVERY, serving_collector
+
+    before = gc.get_threshold()
+    with serving_collector():
+        assert gc.get_freeze_count() > 1000
+        assert gc.get_threshold() == (before[0], before[1], FULL_COLLECTION_EVERY)
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0

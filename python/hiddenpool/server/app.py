@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from hiddenpool.server.memory import serving_collector
 from hiddenpool.server.requests import RequestError
 from hiddenpool.server.routes import Routes, json_response
 from hiddenpool.server.service import SWITCH_INTERVAL, ClientGone, ServerSettings, Service
@@ -67,13 +68,14 @@ def create_app(encoder: Any, settings: ServerSettings, announce: str | None = No
         sys.setswitchinterval(SWITCH_INTERVAL)
         service.batcher.start()
         await asyncio.to_thread(service.warm_up)
-        if announce is not None:
-            print(announce, flush=True)
-        try:
-            yield
-        finally:
-            service.draining = True
-            service.batcher.stop()
+        with serving_collector():
+            if announce is not None:
+                print(announce, flush=True)
+            try:
+                yield
+            finally:
+                service.draining = True
+                service.batcher.stop()
 
     routes = [
         Route(

@@ -10,14 +10,43 @@ without the server grew by 16 MB: the growth was freed memory held by the alloca
 ``malloc_trim(0)`` hands free pages of every arena back; it costs milliseconds, so the
 worker calls it at most once per ``interval`` seconds. Elsewhere than glibc it does
 nothing.
+
+And Python's cyclic collector, whose full collections run on whichever thread allocates,
+usually the event loop: see ``serving_collector``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import gc
 import time
+from collections.abc import Iterator
 from typing import Any
+
+# Full collections after this many second-generation ones (Python's default: 10). Under
+# overload ~80,000 objects belong to the requests in flight; at the default, full
+# collections scanned them every few seconds on the event loop, 50-100 ms each, and they
+# were the p99 of the 429s (benches/serve_faults.py overload). A request leaves no cyclic
+# garbage (tests/test_server_memory.py), so there is little for them to find.
+FULL_COLLECTION_EVERY = 100
+
+
+@contextlib.contextmanager
+def serving_collector() -> Iterator[None]:
+    """While serving: everything alive at the start (modules, the model, the app) is
+    frozen out of the collector's scans (``gc.freeze``), and full collections run a tenth
+    as often; both restored at the end."""
+    threshold = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(threshold[0], threshold[1], FULL_COLLECTION_EVERY)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
 
 
 def _malloc_trim() -> Any:
