@@ -229,16 +229,28 @@ def soak(folder: str, texts: list[str], seconds: float) -> None:
         _, by_status = asyncio.run(open_loop(server.url, body, request_rate, seconds, 32))
         stop.set()
         sampler.join()
-        after_minute = [rss for at, rss in samples if at >= 60]
-        growth = (after_minute[-1] - after_minute[0]) if len(after_minute) > 1 else float("nan")
         errors = {k: len(v) for k, v in by_status.items() if k != 200}
-        minutes = [rss for at, rss in samples if int(at) % 60 == 0]
-        print("RSS each minute (MB): " + " ".join(f"{rss:.0f}" for rss in minutes))
+        # RSS is sampled every second; each minute's median is the level the server sits
+        # at, its maximum the peak of the largest batch in flight. Growth after the first
+        # minute: the last minute against the second (the first holds the start-up).
+        minutes = [
+            [rss for at, rss in samples if minute * 60 <= at < (minute + 1) * 60]
+            for minute in range(int(seconds // 60))
+        ]
+        medians = [statistics.median(values) for values in minutes if values]
+        peaks = [max(values) for values in minutes if values]
+        print("RSS each minute, median (MB): " + " ".join(f"{rss:.0f}" for rss in medians))
+        print("RSS each minute, peak (MB):   " + " ".join(f"{rss:.0f}" for rss in peaks))
+        if len(medians) > 2:
+            print(
+                f"growth after the first minute (last minute against the second): median "
+                f"{medians[-1] - medians[1]:+.1f} MB, peak {peaks[-1] - peaks[1]:+.1f} MB"
+            )
         print(
             f"{seconds:.0f} s: {sum(len(v) for v in by_status.values())} requests, errors "
-            f"{errors or 'none'}, RSS {samples[0][1]:.0f} -> {samples[-1][1]:.0f} MB "
-            f"(growth after the first minute {growth:+.1f} MB), open files {files_before} -> "
-            f"{open_files(pid)}, p50 {percentile(by_status.get(200, []), 50):.0f} ms, "
+            f"{errors or 'none'}, RSS {samples[0][1]:.0f} -> {samples[-1][1]:.0f} MB, "
+            f"open files {files_before} -> {open_files(pid)}, "
+            f"p50 {percentile(by_status.get(200, []), 50):.0f} ms, "
             f"p99 {percentile(by_status.get(200, []), 99):.0f} ms"
         )
     finally:
