@@ -183,8 +183,19 @@ def test_cli_multi_file_json_constant_scores_and_retrieval(tiny_bert_folder, tmp
     text = output.read_text()
     assert "NaN" not in text
     document = json.loads(text)
-    assert sorted(document) == ["average", "datasets", "model", "precision", "runtime"]
-    assert (document["runtime"], document["precision"]) == ("torch", "fp32")
+    assert sorted(document) == [
+        "average",
+        "datasets",
+        "model",
+        "precision",
+        "quantization",
+        "runtime",
+    ]
+    assert (document["runtime"], document["precision"], document["quantization"]) == (
+        "torch",
+        "fp32",
+        None,
+    )
     first, second = document["datasets"]
     assert first["data"] == shipped and second["pairs"] == 5
     assert {"ci_low", "ci_high", "p_vs_best", "spearman"} <= set(first["results"][0])

@@ -157,15 +157,22 @@ def test_command_line_calibration(tiny_bert_folder, tmp_path):
         assert not (tmp_path / "x").exists()
 
 
-def test_precision_int8_checks_the_folder_on_the_command_line(minilm_onnx, minilm_static):
+def test_precision_int8_checks_the_folder_on_the_command_line(minilm_onnx, minilm_static, tmp_path):
     result = run_cli("compare", "--model", minilm_onnx, "--precision", "int8")
     assert result.returncode == 2 and "holds float32 weights" in result.stderr
+    report = tmp_path / "ranking.json"
     result = run_cli(
         "compare", "--model", minilm_static, "--precision", "int8", "--strategies", "mean@last",
-        "--bootstrap", "0",
+        "--bootstrap", "0", "--json", str(report),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "runtime: OpenVINO, precision int8" in result.stdout
+    assert "runtime: OpenVINO, precision int8 (static quantization)" in result.stdout
+    document = json.loads(report.read_text())
+    assert (document["runtime"], document["precision"], document["quantization"]) == (
+        "OpenVINO",
+        "int8",
+        "static",
+    )
 
 
 def test_nncf_telemetry_stays_off():
@@ -193,5 +200,32 @@ def test_a_transformers_folder_quantized_statically_on_load(
     static = Encoder.from_pretrained(tiny_bert_folder, backend="onnx", quantize="int8-static")
     assert static.precision == "int8" and static.runner.manifest.weights == "int8-static"
     exact = Encoder.from_pretrained(tiny_bert_folder, backend="onnx")
+    assert (static.quantization, exact.quantization) == ("static", None)
     texts = TEXTS[:-2]
     assert cosines(static.encode(texts, "mean@last"), exact.encode(texts, "mean@last")).min() > 0.99
+
+
+def test_the_server_on_a_static_int8_folder(minilm_static):
+    """``hiddenpool serve`` on the folder runs it where ``Encoder`` does (OpenVINO), says
+    so in /info, and answers with the encoder's rows (static int8 rows do not depend on
+    the batch beyond 1e-4)."""
+    import httpx
+
+    from test_server import Server
+
+    texts = ["A man is playing a guitar.", "two dogs run", "x", "Ünïcödé and emoji 🙂"]
+    expected = Encoder.from_pretrained(minilm_static).encode(texts)
+    server = Server("--model", minilm_static)
+    try:
+        info = httpx.get(f"{server.url}/info").json()
+        assert (info["backend"], info["precision"], info["quantization"]) == (
+            "openvino",
+            "int8",
+            "static",
+        )
+        response = httpx.post(f"{server.url}/v1/embeddings", json={"input": texts}, timeout=120)
+        assert response.status_code == 200, response.text
+        got = np.array([item["embedding"] for item in response.json()["data"]])
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+    finally:
+        assert server.stop() == 0

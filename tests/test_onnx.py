@@ -169,6 +169,7 @@ def test_int8_rows_stay_close_to_float32(minilm_onnx, minilm_int8):
     int8 = Encoder.from_pretrained(minilm_int8)
     with open(os.path.join(minilm_int8, MANIFEST)) as handle:
         assert json.load(handle)["weights"] == "int8"
+    assert (int8.quantization, float32.quantization) == ("dynamic", None)
     sentences = list(dict.fromkeys(pairs.first + pairs.second))
     exact = float32.encode(sentences, normalize=True)
     quantized = int8.encode(sentences, normalize=True)

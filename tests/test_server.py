@@ -258,6 +258,7 @@ def test_malformed_bodies(server, onnx_encoder):
 def test_info_models_health_and_metrics(server, minilm_onnx):
     info = httpx.get(f"{server.url}/info").json()
     assert info["width"] == 384 and info["backend"] == "onnx" and info["model_path"] is None
+    assert (info["precision"], info["quantization"]) == ("fp32", None)
     assert info["strategy_resolved"] == "mean@last, normalized"
     assert minilm_onnx not in httpx.get(f"{server.url}/metrics").text
     assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"] == "minilm-onnx"

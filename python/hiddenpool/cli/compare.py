@@ -136,7 +136,8 @@ def _check(options: CompareOptions) -> None:
 
 def _print_header(encoder: Any, model_name: str, strategies: list[str]) -> None:
     print(f"model: {model_name}")
-    print(f"runtime: {encoder.runtime}, precision {encoder.precision}")
+    quantized = f" ({encoder.quantization} quantization)" if encoder.quantization else ""
+    print(f"runtime: {encoder.runtime}, precision {encoder.precision}{quantized}")
     if "model" in strategies:
         print(f"strategy 'model' = {encoder.describe_model_strategy()} (the model's own pipeline)")
 
@@ -163,6 +164,7 @@ def _write_outputs(
         # The runtime and precision the ranking was made under, to rank as deployed.
         document["runtime"] = encoder.runtime
         document["precision"] = encoder.precision
+        document["quantization"] = encoder.quantization
         checks.write_json(options.json, document)
     if options.plot:
         if options.sweep:
@@ -211,6 +213,7 @@ def compare_retrieval(options: CompareOptions) -> int:
         document = comparison.as_json()
         document["runtime"] = encoder.runtime
         document["precision"] = encoder.precision
+        document["quantization"] = encoder.quantization
         checks.write_json(options.json, document)
     return 0
 

@@ -127,7 +127,7 @@ def document() -> dict[str, Any]:
                 ["input"],
             ),
             "/health": _get("200 when ready, 503 while starting or draining"),
-            "/info": _get("model, backend, precision, width, limits, version"),
+            "/info": _get("model, backend, precision, quantization, width, limits, version"),
             "/v1/models": _get("the served model, as OpenAI lists models"),
             "/metrics": _get("Prometheus metrics"),
         },

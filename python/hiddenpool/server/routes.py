@@ -289,6 +289,7 @@ class Routes:
             "model_path": self.settings.model_path if self.settings.expose_paths else None,
             "backend": self.encoder.backend,
             "precision": self.encoder.precision,
+            "quantization": self.encoder.quantization,
             "family": self.encoder.family,
             "max_length": self.encoder.max_length,
             "width": self.service.width,
