@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from multiprocessing.pool import ThreadPool
 
 import httpx
 import numpy as np
@@ -34,7 +35,8 @@ def token_id(encoder: Encoder, word: str) -> int:
 
 @pytest.fixture(scope="module")
 def faulty(minilm_onnx, onnx_encoder) -> Iterator[Server]:
-    """A server whose forward pass fails on batches holding 'zebra' (a test hook)."""
+    """A server whose forward pass fails on batches holding 'zebra', and whose tokenizing
+    fails on a text holding 'unicorn-fault' (test hooks)."""
     running = Server(
         "--model",
         minilm_onnx,
@@ -42,7 +44,10 @@ def faulty(minilm_onnx, onnx_encoder) -> Iterator[Server]:
         "2",
         "--read-timeout",
         "1",
-        environment={"HIDDENPOOL_TEST_FAIL_TOKEN": str(token_id(onnx_encoder, "zebra"))},
+        environment={
+            "HIDDENPOOL_TEST_FAIL_TOKEN": str(token_id(onnx_encoder, "zebra")),
+            "HIDDENPOOL_TEST_FAIL_TEXT": "unicorn-fault",
+        },
     )
     yield running
     assert running.stop() == 0
@@ -63,6 +68,31 @@ def test_a_failing_forward_pass_fails_only_its_requests(faulty, onnx_encoder):
     np.testing.assert_allclose(got, onnx_encoder.encode(TEXTS), atol=1e-6)
     assert httpx.get(f"{faulty.url}/health").status_code == 200
     assert faulty.metric("hiddenpool_batch_failures_total") >= 1
+
+
+def test_a_tokenizer_error_fails_only_its_request(faulty, onnx_encoder):
+    """One request's tokenizing fails while others are in flight: it alone gets a one-line
+    500, short (tokenized on the event loop) or long (in a thread); the others get their
+    rows."""
+    bad_inputs = [["fine", "a unicorn-fault here"], ["long text " * 500 + "unicorn-fault"]]
+    good_inputs = [TEXTS[i : i + 3] for i in range(0, 9, 3)]
+    with httpx.Client(timeout=60) as client, ThreadPool(8) as pool:
+        bodies = [{"input": inputs} for inputs in [*good_inputs, *bad_inputs, *good_inputs]]
+        responses = pool.map(
+            lambda body: client.post(f"{faulty.url}/v1/embeddings", json=body), bodies
+        )
+    statuses = [response.status_code for response in responses]
+    assert statuses == [200] * 3 + [500] * 2 + [200] * 3
+    for response in responses[3:5]:
+        message = response.json()["error"]["message"]
+        assert message == "tokenizing the input failed (RuntimeError)"
+        assert "\n" not in response.text and "Traceback" not in response.text
+    for inputs, response in zip(
+        [*good_inputs, *good_inputs], responses[:3] + responses[5:], strict=True
+    ):
+        got = np.array([item["embedding"] for item in response.json()["data"]])
+        np.testing.assert_allclose(got, onnx_encoder.encode(inputs), atol=1e-6)
+    assert httpx.get(f"{faulty.url}/health").status_code == 200
 
 
 def test_deadline_gives_504_and_drops_the_texts(faulty):

@@ -45,6 +45,7 @@ SWITCH_INTERVAL = 0.0002  # seconds; see the lifespan below
 # the loop never stalls on a large request.
 INLINE_TOKENIZE_CHARACTERS = 4096
 PLAN_CACHE = 1024  # distinct (strategies, prompt) plans kept
+FAIL_TEXT_VARIABLE = "HIDDENPOOL_TEST_FAIL_TEXT"  # the reliability tests' tokenizer fault
 
 
 def characters(request: EmbedRequest) -> int:
@@ -80,6 +81,8 @@ class Service:
             os.path.basename(os.path.normpath(settings.model_path)),
         }
         self.default_strategies = [settings.strategy]
+        # Test hook, off unless set: a text holding this string fails its tokenizing.
+        self._fail_text = os.environ.get(FAIL_TEXT_VARIABLE) or None
         self._plans: dict[tuple[Any, ...], Plan] = {}
         self.width = self._width(self.default_strategies)
 
@@ -191,7 +194,15 @@ class Service:
         texts = [str(text) for text in inputs]
         if request.prompt is not None:
             texts = [request.prompt + text for text in texts]
-        tokenized = self.tokenizer.tokenize(texts)
+        try:
+            if self._fail_text is not None and any(self._fail_text in text for text in texts):
+                raise RuntimeError("the tokenizer failed by the test hook")
+            tokenized = self.tokenizer.tokenize(texts)
+        except Exception as error:
+            # This request fails alone (its texts never reach the queue), in one line.
+            raise RequestError(
+                500, f"tokenizing the input failed ({type(error).__name__})"
+            ) from None
         cut = []
         if tokenized.truncated:
             if tokenized.encodings is not None:
