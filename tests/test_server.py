@@ -370,7 +370,15 @@ def test_busy_server_answers_429_at_once_and_needs_the_key(minilm_onnx):
         busy = httpx.post(f"{running.url}/v1/embeddings", json={"input": "a"}, headers=key)
         assert time.perf_counter() - started < 1.0
         assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
-        assert busy.json()["error"]["type"] == "rate_limit_error"
+        assert busy.json() == {
+            "error": {
+                "message": "server busy: 2 requests in flight (--max-concurrent-requests); "
+                "retry shortly",
+                "type": "rate_limit_error",
+                "param": None,
+                "code": "rate_limit_exceeded",
+            }
+        }
         assert busy.headers["content-type"] == "application/json"
         # While busy: the key is still checked first, the alias and hiddenpool's own routes
         # are refused alike, reads go on, and the 429s are counted under their route.
