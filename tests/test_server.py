@@ -59,7 +59,7 @@ class Server:
             text=True,
             env=environment,
         )
-        line = self._first_line(timeout=240)
+        line = self.banner = self._first_line(timeout=240)
         match = re.search(r"listening on (http://\S+)", line)
         assert match, f"no address in {line!r}; stderr: {self.process.stderr.read()}"  # type: ignore[union-attr]
         self.url = match.group(1)
@@ -396,6 +396,10 @@ def test_busy_server_answers_429_at_once_and_needs_the_key(minilm_onnx):
         assert ok.status_code == 200
     finally:
         assert running.stop() == 0
+    # Nor in the server's output (its banner, then anything after 401s, 429s, 200s and a
+    # shutdown).
+    logs = running.banner + running.process.stdout.read() + running.process.stderr.read()  # type: ignore[union-attr]
+    assert "listening on http://127.0.0.1:" in logs and "s3cret" not in logs
 
 
 def test_torch_backend_equals_the_encoder(minilm_path, minilm):
