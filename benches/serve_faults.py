@@ -84,7 +84,7 @@ def probe(url: str, seconds: float) -> None:
     """Sends a one-text request every PROBE_INTERVAL for ``seconds``, each on a new
     connection in its own thread (open loop: an accepted request waiting in the queue does
     not hold back the next), and prints {status: [latency in s]} as JSON. Nothing else
-    runs in the process, so the latencies are the server's."""
+    runs in the process, so the latencies are the server's. Status 0: no answer."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     body = json.dumps({"input": "a probe", "encoding_format": "base64"}).encode()
     request = (
@@ -95,9 +95,12 @@ def probe(url: str, seconds: float) -> None:
 
     def one() -> None:
         started = time.perf_counter()
-        with socket.create_connection((host, int(port))) as connection:
-            connection.sendall(request)
-            status = int(connection.makefile("rb").readline().split(b" ", 2)[1])
+        try:
+            with socket.create_connection((host, int(port)), timeout=60) as connection:
+                connection.sendall(request)
+                status = int(connection.makefile("rb").readline().split(b" ", 2)[1])
+        except (OSError, IndexError, ValueError):
+            status = 0  # refused, reset, timed out or no status line: counted, not lost
         by_status.setdefault(status, []).append(time.perf_counter() - started)
 
     threads = []
