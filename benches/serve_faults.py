@@ -184,10 +184,15 @@ def overload(folder: str, texts: list[str], seconds: float) -> None:
             if statistics.median(latencies) <= 1.5 * statistics.median(quiet_before):
                 recovered = time.perf_counter() - stopped
                 break
+        # Throughput too: 64 clients closed-loop for 3 s, starting within 5 s of the load's end.
+        begun = time.perf_counter() - stopped
+        rate_after = asyncio.run(closed_loop(server.url, texts, 1, 64, 3))[0] / 3
         print(
             f"peak RSS at 5x minus 1x: {peaks[5] - peaks[1]:+.0f} MB; one client's p50 "
             f"{statistics.median(quiet_before) * 1000:.1f} ms before the load, back within 1.5x "
             + (f"{recovered:.1f} s after it" if recovered is not None else "not within 30 s")
+            + f"; throughput {begun:.1f}-{begun + 3:.1f} s after it {rate_after:.0f} requests/s "
+            f"({rate_after / rate:.0%} of the capacity measured before)"
         )
     finally:
         server.stop()
