@@ -260,7 +260,9 @@ def test_info_models_health_and_metrics(server, minilm_onnx):
     assert info["width"] == 384 and info["backend"] == "onnx" and info["model_path"] is None
     assert (info["precision"], info["quantization"]) == ("fp32", None)
     assert info["strategy_resolved"] == "mean@last, normalized"
-    assert minilm_onnx not in httpx.get(f"{server.url}/metrics").text
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert minilm_onnx not in metrics
+    assert re.search(r"^hiddenpool_collector_pause_seconds_count \d+$", metrics, re.MULTILINE)
     assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"] == "minilm-onnx"
     assert httpx.get(f"{server.url}/health").status_code == 200
     spec = httpx.get(f"{server.url}/openapi.json").json()

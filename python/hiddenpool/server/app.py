@@ -68,7 +68,7 @@ def create_app(encoder: Any, settings: ServerSettings, announce: str | None = No
         sys.setswitchinterval(SWITCH_INTERVAL)
         service.batcher.start()
         await asyncio.to_thread(service.warm_up)
-        with serving_collector():
+        with serving_collector(service.metrics.collector_pause_seconds):
             if announce is not None:
                 print(announce, flush=True)
             try:

@@ -23,7 +23,10 @@ import ctypes.util
 import gc
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hiddenpool.server.metrics import Histogram
 
 # Full collections after this many second-generation ones (Python's default: 10). Under
 # overload ~80,000 objects belong to the requests in flight; at the default, full
@@ -34,17 +37,30 @@ FULL_COLLECTION_EVERY = 100
 
 
 @contextlib.contextmanager
-def serving_collector() -> Iterator[None]:
+def serving_collector(pauses: Histogram | None = None) -> Iterator[None]:
     """While serving: everything alive at the start (modules, the model, the app) is
     frozen out of the collector's scans (``gc.freeze``), and full collections run a tenth
-    as often; both restored at the end."""
+    as often; both restored at the end. Each collection's duration goes to ``pauses``
+    (``/metrics``: ``hiddenpool_collector_pause_seconds``)."""
     threshold = gc.get_threshold()
     gc.collect()
     gc.freeze()
     gc.set_threshold(threshold[0], threshold[1], FULL_COLLECTION_EVERY)
+    started = [0.0]  # collections run one at a time (under the GIL)
+
+    def time_collection(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        elif pauses is not None:
+            pauses.observe(time.perf_counter() - started[0])
+
+    if pauses is not None:
+        gc.callbacks.append(time_collection)
     try:
         yield
     finally:
+        if pauses is not None:
+            gc.callbacks.remove(time_collection)
         gc.set_threshold(*threshold)
         gc.unfreeze()
 

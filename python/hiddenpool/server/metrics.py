@@ -59,7 +59,9 @@ class Histogram:
         self._sum = 0.0
         self._count = 0
         self._max = 0.0
-        self._lock = threading.Lock()
+        # Reentrant: the collector's pauses are observed from a gc callback, which can run
+        # on a thread that is inside this histogram already (an allocation in render).
+        self._lock = threading.RLock()
 
     def observe(self, value: float) -> None:
         with self._lock:
@@ -145,6 +147,12 @@ class Metrics:
         self.inference_seconds = Histogram(
             "hiddenpool_inference_seconds", "seconds per forward pass", _SECONDS
         )
+        self.collector_pause_seconds = Histogram(
+            "hiddenpool_collector_pause_seconds",
+            "seconds per collection of Python's cyclic garbage collector, while serving "
+            "(the thread it runs on, often the event loop's, waits that long)",
+            (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+        )
 
     def render(self) -> str:
         lines: list[str] = []
@@ -159,6 +167,7 @@ class Metrics:
             self.truncated_texts,
             self.queue_seconds,
             self.inference_seconds,
+            self.collector_pause_seconds,
         ):
             lines += metric.render()
         return "\n".join(lines) + "\n"
