@@ -282,8 +282,7 @@ class Encoder:
         """What the matrix products compute in: ``fp32``, ``bf16`` (OpenVINO), or ``int8``
         (weights quantized when the folder was exported); torch models report ``fp32`` unless
         loaded with another dtype."""
-        weights = getattr(getattr(self.runner, "manifest", None), "weights", "float32")
-        if weights.startswith("int8"):
+        if self.quantization is not None:
             return "int8"
         precision = getattr(self.runner, "precision", None)
         if precision is not None:

@@ -37,7 +37,7 @@ FULL_COLLECTION_EVERY = 100
 
 
 @contextlib.contextmanager
-def serving_collector(pauses: Histogram | None = None) -> Iterator[None]:
+def serving_collector(pauses: Histogram) -> Iterator[None]:
     """While serving: everything alive at the start (modules, the model, the app) is
     frozen out of the collector's scans (``gc.freeze``), and full collections run a tenth
     as often; both restored at the end. Each collection's duration goes to ``pauses``
@@ -51,16 +51,14 @@ def serving_collector(pauses: Histogram | None = None) -> Iterator[None]:
     def time_collection(phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             started[0] = time.perf_counter()
-        elif pauses is not None:
+        else:
             pauses.observe(time.perf_counter() - started[0])
 
-    if pauses is not None:
-        gc.callbacks.append(time_collection)
+    gc.callbacks.append(time_collection)
     try:
         yield
     finally:
-        if pauses is not None:
-            gc.callbacks.remove(time_collection)
+        gc.callbacks.remove(time_collection)
         gc.set_threshold(*threshold)
         gc.unfreeze()
 
