@@ -89,9 +89,17 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Process:
-    def __init__(self, command: list[str], environment: dict[str, str]) -> None:
+    def __init__(
+        self, command: list[str], environment: dict[str, str], cpus: set[int] | None = None
+    ) -> None:
+        """``cpus``: the cores the server may run on (all where None)."""
         self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=environment
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=environment,
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
         )
         line = self.process.stdout.readline()  # type: ignore[union-attr]
         match = re.search(r"listening on (http://\S+)", line)

