@@ -66,7 +66,9 @@ def main() -> int:
     parser.add_argument("--texts", type=int, default=3000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
-        "--output", help="where to write the exported folders (float32, int8, int8-static)"
+        "--output",
+        help="a new folder to write the exported folders into (float32, int8, int8-static); "
+        "default: a temporary one",
     )
     arguments = parser.parse_args()
     thread_counts = [int(count) for count in arguments.threads.split(",")]
@@ -96,7 +98,7 @@ def main() -> int:
         except Exception as error:  # a row left out says why, the others still run
             print(f"export {name} left out: {type(error).__name__}: {error}".splitlines()[0])
     generator = random.Random(0)
-    # STS-B sentences: 8-40 words, most around 10-15.
+    # Lengths like STS-B's captions and headlines: 3-30 words, about 12 on average.
     texts = [
         " ".join(generator.choice(WORDS) for _ in range(max(3, int(generator.gauss(12, 5)))))
         for _ in range(arguments.texts)
@@ -130,8 +132,8 @@ def measure(
     texts: list[str],
     folders: dict[str, str],
     weights_folder: str,
-    flags: set[str],
-    bf16_features: Any,
+    flags: frozenset[str],
+    bf16_features: tuple[str, ...],
     repeat: int,
 ) -> None:
     import torch
