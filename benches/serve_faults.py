@@ -8,6 +8,10 @@ faults".
     python benches/serve_faults.py leave [--count 1000]      # clients that disconnect
     python benches/serve_faults.py equal [--count 10000]     # results under concurrency
 
+``--server-cpus 0,1`` holds the server to those cores and the clients to the others (the
+server as on a small machine of its own); ``--model FOLDER`` serves a folder
+``hiddenpool export`` wrote instead of all-MiniLM-L6-v2 from its package.
+
 ``probe --url URL --seconds S`` is the overload run's second client, started by it: one
 request every 50 ms on its own idle process, so the latencies it sees are the server's, not
 the queueing inside a load generator that is itself saturated.
