@@ -71,7 +71,12 @@ def main() -> int:
         "default: a temporary one",
     )
     arguments = parser.parse_args()
-    thread_counts = [int(count) for count in arguments.threads.split(",")]
+    try:
+        thread_counts = [int(count) for count in arguments.threads.split(",")]
+    except ValueError:
+        parser.error(f"--threads: expected thread counts like 2,16, got {arguments.threads!r}")
+    if not os.path.isfile(os.path.join(arguments.config_folder, "config.json")):
+        parser.error(f"config_folder: no config.json in {arguments.config_folder!r}")
     import torch
     import transformers
 

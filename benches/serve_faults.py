@@ -433,7 +433,12 @@ def main() -> None:
     arguments = parser.parse_args()
     if arguments.server_cpus:
         global SERVER_CPUS
-        SERVER_CPUS = {int(core) for core in arguments.server_cpus.split(",")}
+        try:
+            SERVER_CPUS = {int(core) for core in arguments.server_cpus.split(",")}
+        except ValueError:
+            parser.error(
+                f"--server-cpus: expected core numbers like 0,1, got {arguments.server_cpus!r}"
+            )
         available = os.sched_getaffinity(0)
         others = available - SERVER_CPUS
         if not others or not SERVER_CPUS.issubset(available):
