@@ -82,7 +82,7 @@ def main() -> int:
 
     import hiddenpool
     from hiddenpool import Encoder, export_onnx
-    from hiddenpool.runners.openvino_runner import BF16_FEATURES, cpu_flags
+    from hiddenpool.runners.openvino_runner import cpu_flags
 
     torch.manual_seed(0)
     config = transformers.AutoConfig.from_pretrained(arguments.config_folder)
@@ -118,7 +118,7 @@ def main() -> int:
         + ", ".join(f"{name} {version(name)}" for name in ("onnxruntime", "openvino", "nncf"))
     )
     for threads in thread_counts:
-        measure(threads, texts, folders, weights_folder, flags, BF16_FEATURES, arguments.repeat)
+        measure(threads, texts, folders, weights_folder, arguments.repeat)
     return 0
 
 
@@ -137,8 +137,6 @@ def measure(
     texts: list[str],
     folders: dict[str, str],
     weights_folder: str,
-    flags: frozenset[str],
-    bf16_features: tuple[str, ...],
     repeat: int,
 ) -> None:
     import torch
@@ -175,8 +173,8 @@ def measure(
     if "float32" in folders:
         add("ONNX Runtime fp32", encoder(folders["float32"]))
         add("OpenVINO fp32", encoder(folders["float32"], backend="openvino"))
-        if any(feature in flags for feature in bf16_features):
-            add("OpenVINO bf16", encoder(folders["float32"], precision="bf16"))
+        # Left out, with the missing CPU feature named, where the CPU has no bf16.
+        add("OpenVINO bf16", encoder(folders["float32"], precision="bf16"))
     if "int8" in folders:
         add("ONNX Runtime dynamic int8", encoder(folders["int8"]))
     if "int8-static" in folders:
