@@ -28,7 +28,13 @@ from hiddenpool.ops import (
     without_leading_tokens,
 )
 from hiddenpool.pipelines import Pipeline, normalize_rows
-from hiddenpool.runners.base import Family, Runner, needed_states
+from hiddenpool.runners.base import (
+    Family,
+    Runner,
+    check_max_length,
+    needed_states,
+    position_limit,
+)
 from hiddenpool.runners.tokens import (
     DEFAULT_MAX_BATCH_TOKENS,
     TokenBatch,
@@ -116,7 +122,7 @@ class Encoder:
         dtype: Any = None,
         max_length: int | None = None,
         project: bool = False,
-        precision: Precision = "fp32",
+        precision: Precision | None = None,
         **model_kwargs: Any,
     ) -> Encoder:
         """Loads a model folder (or the name of a model in the local Hugging Face cache;
@@ -134,7 +140,10 @@ class Encoder:
         the packaged texts). ``backend="torch"`` always uses transformers.
         ``backend="openvino"`` runs the ONNX folder (or that cached export) on OpenVINO.
 
-        ``precision`` is asked for, never implied: ``"fp32"`` (the default, exact);
+        ``precision`` is asked for, never implied. None (the default) runs what the folder
+        holds: fp32 (exact) for a transformers folder or a float32 export, int8 for a folder
+        exported with int8 weights (exporting them was the asking). ``"fp32"`` insists on
+        exact rows: on int8 weights it is a ValueError naming the float32 alternatives;
         ``"bf16"`` runs on OpenVINO in bfloat16 where the CPU has AVX512_BF16 or AMX (a
         ValueError naming the missing feature elsewhere); ``"int8"`` runs int8 weights: a
         folder exported with ``quantize="int8-static"`` (on OpenVINO where it is installed,
@@ -153,8 +162,10 @@ class Encoder:
             )
         if quantize not in (None, "int8", "int8-static"):
             raise ValueError(f"quantize: expected None, 'int8' or 'int8-static', got {quantize!r}")
-        if precision not in ("fp32", "bf16", "int8"):
-            raise ValueError(f"precision: expected 'fp32', 'bf16' or 'int8', got {precision!r}")
+        if precision not in (None, "fp32", "bf16", "int8"):
+            raise ValueError(
+                f"precision: expected None, 'fp32', 'bf16' or 'int8', got {precision!r}"
+            )
         if precision == "bf16":
             from hiddenpool.runners.openvino_runner import check_precision
 
@@ -176,6 +187,11 @@ class Encoder:
         path = default_model_path() if name_or_path is None else os.fspath(name_or_path)
         if not os.path.exists(path) and looks_like_a_path(path):
             raise FileNotFoundError(f"name_or_path: {path}: no such folder")
+        if max_length is not None:
+            # Checked on config.json before any weight loads or any export runs; runners
+            # check again where there is no config.json (hiddenpool's ONNX folders).
+            config = _read_config(path)
+            check_max_length(max_length, position_limit(config), config.get("model_type") or path)
         from hiddenpool.runners.onnx_runner import OnnxRunner, is_onnx_folder
 
         onnx_folder = os.path.isdir(path) and is_onnx_folder(path)
@@ -211,7 +227,7 @@ class Encoder:
                     folder,
                     max_length=max_length,
                     project=project,
-                    precision="fp32" if precision == "int8" else precision,
+                    precision="bf16" if precision == "bf16" else "fp32",
                 )
             else:
                 runner = OnnxRunner(folder, max_length=max_length, project=project)
@@ -983,14 +999,15 @@ def runs_on_onnx(path: str, backend: Backend) -> bool:
     return os.path.isfile(os.path.join(path, MANIFEST)) or not _has_torch_weights(path)
 
 
-def graph_runtime(folder: str, backend: Backend, precision: Precision) -> str:
+def graph_runtime(folder: str, backend: Backend, precision: Precision | None) -> str:
     """``"onnx"`` (ONNX Runtime) or ``"openvino"`` for an ONNX folder: what ``backend``
     names, else the fastest runtime for the folder's weights (all-MiniLM-L6-v2, 2 threads,
     BENCHMARKS.md "End to end"): bf16 on OpenVINO only; dynamic int8 on ONNX Runtime (929
     sentences/s where OpenVINO ran 338); static int8 on OpenVINO where it is installed
     (1,380 where ONNX Runtime ran 751), else ONNX Runtime; fp32 on ONNX Runtime.
-    A precision the folder's weights cannot give is a ValueError naming ``precision`` (the
-    command line checks the same with this, before anything loads)."""
+    A precision the folder's weights cannot give is a ValueError naming ``precision``
+    (None: the weights' own), and so is OpenVINO for dynamic int8 weights; the command line
+    checks the same with this, before anything loads."""
     from hiddenpool.runners.onnx_runner import read_manifest
 
     weights = read_manifest(folder).weights
@@ -1001,9 +1018,15 @@ def graph_runtime(folder: str, backend: Backend, precision: Precision) -> str:
         )
     if precision == "bf16" and weights != "float32":
         raise ValueError(f"precision: {folder} holds {weights} weights; bf16 runs a float32 export")
-    if precision == "int8" and weights == "int8" and backend == "openvino":
+    if precision == "fp32" and weights != "float32":
         raise ValueError(
-            f"precision: {folder} is dynamically quantized (--quantize int8), which runs on "
+            f"precision: {folder} holds {weights} weights, which compute in int8; fp32 runs "
+            "the float32 export or the transformers folder (leave precision out, or give "
+            "int8, to run these weights)"
+        )
+    if weights == "int8" and backend == "openvino":
+        raise ValueError(
+            f"backend: {folder} is dynamically quantized (--quantize int8), which runs on "
             "ONNX Runtime (OpenVINO ran it at a quarter of the speed); use backend onnx or "
             "auto, or export with --quantize int8-static for OpenVINO"
         )
@@ -1016,6 +1039,21 @@ def graph_runtime(folder: str, backend: Backend, precision: Precision) -> str:
 
         return "openvino" if importlib.util.find_spec("openvino") is not None else "onnx"
     return "onnx"
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    """A folder's config.json as a dict; {} where there is none or it is not an object."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        return {}
+    import json
+
+    with open(file, encoding="utf-8") as handle:
+        try:
+            value = json.load(handle)
+        except ValueError:
+            return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _has_torch_weights(path: str) -> bool:

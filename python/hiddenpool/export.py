@@ -509,6 +509,7 @@ def _manifest(
         hidden_size=getattr(config, "hidden_size", None) or getattr(config, "d_model", None),
         model_type=str(getattr(config, "model_type", "")),
         source_pooling=_pooling_summary(pipeline),
+        max_positions=runner.max_positions,
     )
 
 

@@ -8,9 +8,11 @@ subclasses, which each command calls once at its top.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
@@ -25,6 +27,24 @@ class UsageError(Exception):
     """A problem the user can fix: printed without a traceback, exit code 2."""
 
 
+class Accumulate(argparse.Action):
+    """For ``nargs="+"`` options: given twice (``--strategy a --strategy b``), the values
+    add up, where argparse's own action would keep only the last occurrence, silently. The
+    first occurrence replaces the default."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        current = getattr(namespace, self.dest, None)
+        earlier = [] if current is self.default or current is None else list(current)
+        given = [values] if isinstance(values, str) else list(values or [])
+        setattr(namespace, self.dest, earlier + given)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
     """The options of every command that loads a model (``compare``, ``encode``,
@@ -32,7 +52,7 @@ class ModelOptions:
 
     model: str | None = None
     backend: Literal["auto", "torch", "onnx", "openvino"] = "auto"
-    precision: Literal["fp32", "bf16", "int8"] = "fp32"
+    precision: Literal["fp32", "bf16", "int8"] | None = None
     batch_size: int | None = None
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     device: str | None = None
@@ -194,13 +214,13 @@ def check_precision(options: ModelOptions) -> None:
 
 
 def check_folder_precision(options: ModelOptions) -> None:
-    """``--precision`` (bf16 or int8) against the weights an exported folder holds and the
-    runtime asked for, before the model loads: the Encoder's own check
+    """``--precision`` (or its absence) and ``--backend`` against the weights an exported
+    folder holds, before the model loads: the Encoder's own check
     (``encoder.graph_runtime``, which reads only the manifest), its errors named by flag."""
     from hiddenpool.runners.onnx_runner import MANIFEST
 
     model = options.model
-    if options.precision == "fp32" or not model:
+    if not model:
         return
     if not os.path.isfile(os.path.join(model, MANIFEST)):
         return  # a transformers folder: exported (dynamic int8) once, then cached
@@ -210,7 +230,8 @@ def check_folder_precision(options: ModelOptions) -> None:
         graph_runtime(model, options.backend, options.precision)
     except ValueError as error:
         field, _, message = str(error).partition(": ")
-        flag = f"--precision {options.precision}" if field == "precision" else f"--model {model}"
+        flags = {"precision": f"--precision {options.precision}", "backend": "--backend openvino"}
+        flag = flags.get(field, f"--model {model}")
         raise UsageError(f"{flag}: {message}") from None
 
 
@@ -265,6 +286,25 @@ def load_encoder(options: ModelOptions, model: str) -> tuple[Any, str]:
         raise UsageError(f"--model {model}: could not load a model there ({error})") from None
     except ImportError as error:
         raise UsageError(f"--model {model}: {error}") from None
+    except ValueError as error:
+        # The Encoder names its arguments; here they are flags.
+        field, _, message = str(error).partition(": ")
+        flags = {
+            "max_length": "--max-length",
+            "precision": f"--precision {options.precision}",
+            "backend": f"--backend {options.backend}",
+        }
+        if field not in flags or not message:
+            raise
+        raise UsageError(f"{flags[field]}: {message}") from None
+    if options.precision is None and encoder.precision == "int8":
+        # The one place a precision below fp32 runs without --precision: the folder's
+        # weights are int8 (the export asked for it); said once, on stderr.
+        print(
+            f"hiddenpool: {model} holds int8 weights ({encoder.quantization} quantization): "
+            "running int8 (--precision fp32 refuses them)",
+            file=sys.stderr,
+        )
     name = options.model or DEFAULT_MODEL_NAME
     if encoder.backend != "torch":
         name += f" on {encoder.runtime}"
@@ -323,8 +363,24 @@ def check_output(flag: str, path: str, extensions: Sequence[str]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise UsageError(f"{flag} {path}: the folder {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise UsageError(f"{flag} {path}: the folder {directory} is not writable")
+    check_writable(flag, path, directory)
+
+
+def check_writable(flag: str, path: str, directory: str) -> None:
+    """``directory`` takes a new file, proved by making one and removing it: ``os.access``
+    says yes to root for /proc, /sys and immutable folders, which then refuse the write
+    after the work is done."""
+    import tempfile
+
+    try:
+        handle, probe = tempfile.mkstemp(dir=directory, prefix=".hiddenpool-probe-")
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise UsageError(
+            f"{flag} {path}: cannot create a file in the folder {directory} ({reason})"
+        ) from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 def write_json(path: str, document: Any) -> None:

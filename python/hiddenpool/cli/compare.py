@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hiddenpool.cli import checks
-from hiddenpool.cli.checks import ModelOptions, UsageError
+from hiddenpool.cli.checks import Accumulate, ModelOptions, UsageError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +31,7 @@ def add_arguments(compare: argparse.ArgumentParser) -> None:
     compare.add_argument(
         "--data",
         nargs="+",
+        action=Accumulate,
         help="STS Benchmark files or CSV/TSV with sentence1, sentence2, score; several give "
         "a table each and a ranking by the mean (default: the pairs shipped with hiddenpool); "
         "with --task retrieval, CSV/TSV/JSONL rows of query, positive and optional negative",
@@ -86,7 +87,7 @@ def compare(options: CompareOptions) -> int:
         if not options.strategies and encoder.family == "clip":
             strategies.append("eos@last")
     checks.check_against_model(encoder, options, strategies)
-    _print_header(encoder, model_name, strategies)
+    _print_header(encoder, options.model, strategies)
     comparisons = []
     for path, pairs in datasets:
         if len(datasets) > 1:
@@ -134,8 +135,9 @@ def _check(options: CompareOptions) -> None:
         checks.check_output("--plot", options.plot, report.plot_formats())
 
 
-def _print_header(encoder: Any, model_name: str, strategies: list[str]) -> None:
-    print(f"model: {model_name}")
+def _print_header(encoder: Any, model: str | None, strategies: list[str]) -> None:
+    # The model as given: the runtime and precision have the line below.
+    print(f"model: {model or checks.DEFAULT_MODEL_NAME}")
     quantized = f" ({encoder.quantization} quantization)" if encoder.quantization else ""
     print(f"runtime: {encoder.runtime}, precision {encoder.precision}{quantized}")
     if "model" in strategies:
@@ -192,7 +194,7 @@ def compare_retrieval(options: CompareOptions) -> int:
     encoder, model_name = checks.load_encoder(options, model)
     strategies = list(options.strategies or ["model", *evaluate.DEFAULT_STRATEGIES])
     checks.check_against_model(encoder, options, strategies)
-    _print_header(encoder, model_name, strategies)
+    _print_header(encoder, options.model, strategies)
     print(f"data: {path}: {len(data.queries)} queries, corpus of {len(data.corpus)}", flush=True)
     comparison = retrieval.compare_retrieval(
         encoder,

@@ -8,7 +8,7 @@ import argparse
 import dataclasses
 
 from hiddenpool.cli import checks
-from hiddenpool.cli.checks import ModelOptions, UsageError
+from hiddenpool.cli.checks import Accumulate, ModelOptions, UsageError
 from hiddenpool.io.corpus import DEFAULT_CHUNK_SIZE, FORMATS
 
 
@@ -50,6 +50,7 @@ def add_arguments(encode: argparse.ArgumentParser) -> None:
         "--input",
         required=True,
         nargs="+",
+        action=Accumulate,
         help=".txt (a text a line), .jsonl, .json, .csv, .tsv or .parquet; with --ray, "
         "JSON-lines or Parquet shards (paths or globs)",
     )

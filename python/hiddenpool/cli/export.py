@@ -64,6 +64,14 @@ def export(options: ExportOptions) -> int:
     output = options.output
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
         raise UsageError(f"--output {output}: exists and is not an empty folder; choose a new one")
+    # The export is staged beside the output folder (whose missing parents it makes) and
+    # renamed into place: the nearest folder that exists must take new files.
+    parent = os.path.dirname(os.path.abspath(output))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--output {output}: {parent} is a file, not a folder")
+    checks.check_writable("--output", output, parent)
     calibration = read_calibration(options.calibration, options.quantize)
     if not os.path.isdir(model):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

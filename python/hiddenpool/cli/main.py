@@ -23,7 +23,7 @@ from typing import NoReturn
 
 from hiddenpool._version import __version__
 from hiddenpool.cli import bench, compare, encode, encode_options, export, serve
-from hiddenpool.cli.checks import UsageError
+from hiddenpool.cli.checks import Accumulate, UsageError
 from hiddenpool.runners.tokens import DEFAULT_MAX_BATCH_TOKENS
 
 STRATEGY_HELP = """strategies: POOL[+POOL...]@LAYERS[:COMBINE]
@@ -82,9 +82,9 @@ def _model_arguments(command: argparse.ArgumentParser, strategies: bool = True) 
     command.add_argument(
         "--precision",
         choices=["fp32", "bf16", "int8"],
-        default="fp32",
         help="fp32: exact; bf16: OpenVINO in bfloat16 (CPUs with AVX512_BF16 or AMX); int8: "
-        "int8 weights on ONNX Runtime",
+        "int8 weights (default: what the model holds: fp32, or int8 for a folder exported "
+        "with int8 weights)",
     )
     command.add_argument(
         "--batch-size", type=int, help="at most this many texts a batch (default: no limit)"
@@ -110,6 +110,7 @@ def _model_arguments(command: argparse.ArgumentParser, strategies: bool = True) 
         "--layer-weights",
         type=float,
         nargs="+",
+        action=Accumulate,
         metavar="W",
         help="ScalarMix weights for ':weighted' strategies, one per chosen layer; each layer "
         "weighs layer_scale * softmax(W)",
@@ -124,6 +125,7 @@ def _model_arguments(command: argparse.ArgumentParser, strategies: bool = True) 
         "--strategy",
         dest="strategies",
         nargs="+",
+        action=Accumulate,
         metavar="STRATEGY",
         help="strategies (see below); 'model' is the model's own sentence-transformers "
         "pipeline, mean@last without one (default: encode model, compare model and a "

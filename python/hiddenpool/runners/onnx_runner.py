@@ -24,7 +24,13 @@ from typing import Any, Literal
 import numpy as np
 
 from hiddenpool import _native
-from hiddenpool.runners.base import EosRule, Family, decoder_positions
+from hiddenpool.runners.base import (
+    EosRule,
+    Family,
+    check_max_length,
+    decoder_positions,
+    position_limit,
+)
 from hiddenpool.runners.tokens import JsonTokenizer, TokenBatch
 from hiddenpool.strategy import Strategy
 
@@ -58,6 +64,9 @@ class Manifest:
     hidden_size: int | None = None
     model_type: str = ""
     source_pooling: dict[str, Any] | None = None
+    # Tokens the position table can place (``runners.base.position_limit``); None for
+    # relative positions and for folders exported before it was recorded.
+    max_positions: int | None = None
     exported: bool = True  # False: a foreign graph with only the last state
 
     def as_json(self) -> dict[str, Any]:
@@ -175,6 +184,7 @@ def _foreign_manifest(folder: str, graph: str) -> Manifest:
         positions_from_mask=family == "decoder",
         model_type=model_type,
         hidden_size=text_config.get("hidden_size"),
+        max_positions=position_limit(config),
         exported=False,
     )
 
@@ -211,6 +221,7 @@ class GraphRunner:
         if not os.path.isfile(self.graph_path):
             raise ValueError(f"model: {self.graph_path} does not exist")
         self.family = manifest.family
+        check_max_length(max_length, manifest.max_positions, manifest.model_type or folder)
         self.max_length = max_length or manifest.max_length
         if self.max_length < 1:
             raise ValueError(f"max_length: expected a positive integer, got {self.max_length}")

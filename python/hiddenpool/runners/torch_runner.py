@@ -22,7 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from hiddenpool.runners.base import EosRule, Family, decoder_positions
+from hiddenpool.runners.base import (
+    EosRule,
+    Family,
+    check_max_length,
+    decoder_positions,
+    position_limit,
+)
 from hiddenpool.runners.tokens import TokenBatch, TransformersTokenizer
 from hiddenpool.strategy import Strategy
 
@@ -100,6 +106,9 @@ class TorchRunner:
                 raise ValueError("tokenizer: has neither a pad token nor an eos token to pad with")
             tokenizer.pad_token = tokenizer.eos_token
         self.transformers_tokenizer = tokenizer
+        config = getattr(self.module, "config", model.config)
+        self.max_positions = position_limit(config.to_dict())
+        check_max_length(max_length, self.max_positions, str(config.model_type or "the model"))
         self.max_length = max_length or self._default_max_length(tokenizer)
         if self.max_length < 1:
             raise ValueError(f"max_length: expected a positive integer, got {self.max_length}")
