@@ -172,7 +172,7 @@ async def closed_loop(url: str, texts: list[str], size: int, clients: int, secon
             position += size * clients
             started = time.perf_counter()
             status, data = await connection.post(
-                "/v1/embeddings", {"input": batch, "encoding_format": ENCODING}
+                "/v1/embeddings", {"model": "bench", "input": batch, "encoding_format": ENCODING}
             )
             if status != 200:
                 raise RuntimeError(f"{status}: {data[:200]!r}")
@@ -302,7 +302,19 @@ def main() -> None:
                 )
 
     server = Process(
-        [sys.executable, "-m", "hiddenpool", "serve", "--model", folder, "--port", "0"], environment
+        [
+            sys.executable,
+            "-m",
+            "hiddenpool",
+            "serve",
+            "--model",
+            folder,
+            "--port",
+            "0",
+            "--served-model-name",
+            "bench",
+        ],
+        environment,
     )
     try:
         run_cells("hiddenpool serve", server)
@@ -310,7 +322,11 @@ def main() -> None:
         _, by_status = asyncio.run(
             open_loop(
                 server.url,
-                lambda i: {"input": texts[i % len(texts)], "encoding_format": ENCODING},
+                lambda i: {
+                    "model": "bench",
+                    "input": texts[i % len(texts)],
+                    "encoding_format": ENCODING,
+                },
                 rate,
                 arguments.seconds,
             )

@@ -80,7 +80,19 @@ SERVER_CPUS: set[int] | None = None
 def start(folder: str, *options: str) -> Process:
     environment = dict(os.environ, HIDDENPOOL_NUM_THREADS="2", HF_HUB_OFFLINE="1")
     return Process(
-        [sys.executable, "-m", "hiddenpool", "serve", "--model", folder, "--port", "0", *options],
+        [
+            sys.executable,
+            "-m",
+            "hiddenpool",
+            "serve",
+            "--model",
+            folder,
+            "--port",
+            "0",
+            "--served-model-name",
+            "bench",
+            *options,
+        ],
         environment,
         SERVER_CPUS,
     )
@@ -95,7 +107,7 @@ def probe(url: str, seconds: float) -> None:
     not hold back the next), and prints {status: [latency in s]} as JSON. Nothing else
     runs in the process, so the latencies are the server's. Status 0: no answer."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    body = json.dumps({"input": "a probe", "encoding_format": "base64"}).encode()
+    body = json.dumps({"model": "bench", "input": "a probe", "encoding_format": "base64"}).encode()
     request = (
         "POST /v1/embeddings HTTP/1.1\r\nhost: probe\r\ncontent-type: application/json\r\n"
         f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n"
@@ -167,7 +179,11 @@ def overload(folder: str, texts: list[str], seconds: float) -> None:
                 offered, by_status = asyncio.run(
                     open_loop(
                         server.url,
-                        lambda i: {"input": texts[i % len(texts)], "encoding_format": "base64"},
+                        lambda i: {
+                            "model": "bench",
+                            "input": texts[i % len(texts)],
+                            "encoding_format": "base64",
+                        },
                         rate * factor,
                         seconds,
                         pool=640,
@@ -221,7 +237,7 @@ def soak(folder: str, texts: list[str], seconds: float) -> None:
             while len(text) < length:
                 text += generator.choice(words) + " "
             items.append(text[:length].strip() or "a")
-        return {"input": items, "encoding_format": "base64"}
+        return {"model": "bench", "input": items, "encoding_format": "base64"}
 
     try:
         rate = capacity(server.url, texts)
@@ -295,7 +311,7 @@ def leave(folder: str, texts: list[str], count: int) -> None:
         def one(index: int) -> None:
             nonlocal sent_texts
             batch = [texts[(index * 7 + i) % len(texts)] for i in range(generator.randint(1, 64))]
-            body = json.dumps({"input": batch}).encode()
+            body = json.dumps({"model": "bench", "input": batch}).encode()
             head = (
                 "POST /v1/embeddings HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                 f"content-length: {len(body)}\r\n\r\n"
@@ -326,7 +342,9 @@ def leave(folder: str, texts: list[str], count: int) -> None:
         cancelled = metric(server.url, "hiddenpool_cancelled_texts_total")
         import httpx
 
-        check = httpx.post(f"{server.url}/v1/embeddings", json={"input": texts[:4]}, timeout=60)
+        check = httpx.post(
+            f"{server.url}/v1/embeddings", json={"model": "bench", "input": texts[:4]}, timeout=60
+        )
         alive = server.process.poll() is None and check.status_code == 200
         print(
             f"{count} clients left ({phases}) in {time.perf_counter() - started:.1f} s: "

@@ -223,7 +223,9 @@ def test_the_server_on_a_static_int8_folder(minilm_static):
             "int8",
             "static",
         )
-        response = httpx.post(f"{server.url}/v1/embeddings", json={"input": texts}, timeout=120)
+        response = httpx.post(
+            f"{server.url}/v1/embeddings", json={"model": server.model, "input": texts}, timeout=120
+        )
         assert response.status_code == 200, response.text
         got = np.array([item["embedding"] for item in response.json()["data"]])
         np.testing.assert_allclose(got, expected, atol=1e-4)

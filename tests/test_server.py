@@ -63,6 +63,9 @@ class Server:
         match = re.search(r"listening on (http://\S+)", line)
         assert match, f"no address in {line!r}; stderr: {self.process.stderr.read()}"  # type: ignore[union-attr]
         self.url = match.group(1)
+        named = re.search(r" as '([^']+)'", line)
+        assert named, f"no served model name in {line!r}"
+        self.model = named.group(1)  # what clients send as "model" on /v1/embeddings
 
     def _first_line(self, timeout: float) -> str:
         lines: list[str] = []
@@ -133,7 +136,11 @@ def test_openai_client_base64_float_dimensions_and_token_ids(server, onnx_encode
 
 
 def test_base64_is_little_endian_float32(server, onnx_encoder):
-    response = post(server, "/v1/embeddings", {"input": TEXTS[:2], "encoding_format": "base64"})
+    response = post(
+        server,
+        "/v1/embeddings",
+        {"model": server.model, "input": TEXTS[:2], "encoding_format": "base64"},
+    )
     assert response.status_code == 200
     for item, row in zip(response.json()["data"], onnx_encoder.encode(TEXTS[:2]), strict=True):
         decoded = np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4")
@@ -189,16 +196,26 @@ def test_embed_three_strategies_tokens_and_chunks(server, onnx_encoder):
 
 
 BAD_REQUESTS = [
-    ("/v1/embeddings", {"input": []}, 422, "input"),
-    ("/v1/embeddings", {"input": ""}, 422, "input"),
-    ("/v1/embeddings", {"input": [1, "a"]}, 422, "input[0]"),
-    ("/v1/embeddings", {"input": 5}, 422, "input"),
+    ("/v1/embeddings", {"model": "minilm-onnx", "input": []}, 422, "input"),
+    ("/v1/embeddings", {"model": "minilm-onnx", "input": ""}, 422, "input"),
+    ("/v1/embeddings", {"model": "minilm-onnx", "input": [1, "a"]}, 422, "input[0]"),
+    ("/v1/embeddings", {"model": "minilm-onnx", "input": 5}, 422, "input"),
     ("/v1/embeddings", {"model": "gpt-4", "input": "a"}, 404, "model"),
-    ("/v1/embeddings", {"input": "a", "dimensions": 385}, 422, "dimensions"),
-    ("/v1/embeddings", {"input": "a", "dimensions": 0}, 422, "dimensions"),
-    ("/v1/embeddings", {"input": "a", "encoding_format": "int8"}, 422, "encoding_format"),
-    ("/v1/embeddings", {"input": [[5, 10**9]]}, 422, "input"),
-    ("/v1/embeddings", {"input": [-1]}, 422, "input"),
+    (
+        "/v1/embeddings",
+        {"model": "minilm-onnx", "input": "a", "dimensions": 385},
+        422,
+        "dimensions",
+    ),
+    ("/v1/embeddings", {"model": "minilm-onnx", "input": "a", "dimensions": 0}, 422, "dimensions"),
+    (
+        "/v1/embeddings",
+        {"model": "minilm-onnx", "input": "a", "encoding_format": "int8"},
+        422,
+        "encoding_format",
+    ),
+    ("/v1/embeddings", {"model": "minilm-onnx", "input": [[5, 10**9]]}, 422, "input"),
+    ("/v1/embeddings", {"model": "minilm-onnx", "input": [-1]}, 422, "input"),
     ("/v1/embeddings", ["input"], 422, "body"),
     ("/embed", {"inputs": "a", "strategy": "median@last"}, 422, "strategy"),
     ("/embed", {"inputs": "a", "strategy": "mean@-9"}, 422, "strategy"),
@@ -220,7 +237,10 @@ def test_errors_name_the_field_and_the_server_keeps_serving(server, route, body,
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param
     assert "\n" not in error["message"] and "Traceback" not in error["message"]
-    assert post(server, "/v1/embeddings", {"input": "still here"}).status_code == 200
+    assert (
+        post(server, "/v1/embeddings", {"model": server.model, "input": "still here"}).status_code
+        == 200
+    )
 
 
 def test_malformed_bodies(server, onnx_encoder):
@@ -228,7 +248,7 @@ def test_malformed_bodies(server, onnx_encoder):
         (b"{not json", "application/json", 400),
         (b'{"input": NaN}', "application/json", 400),
         (b'{"input": "\xff"}', "application/json", 400),
-        (b'{"input": "\\ud800"}', "application/json", 422),
+        (b'{"model": "minilm-onnx", "input": "\\ud800"}', "application/json", 422),
         (b"[" * 100_000 + b"]" * 100_000, "application/json", 400),
         (b'{"input": "a"}', "text/plain", 415),
     ]
@@ -292,7 +312,8 @@ def test_64_concurrent_clients_get_their_own_rows_in_shared_batches(server, onnx
             async def one(rows: list[int]) -> np.ndarray:
                 async with gate:
                     response = await client.post(
-                        "/v1/embeddings", json={"input": [texts[r] for r in rows]}
+                        "/v1/embeddings",
+                        json={"model": server.model, "input": [texts[r] for r in rows]},
                     )
                 assert response.status_code == 200, response.text
                 return np.array([item["embedding"] for item in response.json()["data"]])
@@ -369,7 +390,9 @@ def test_busy_server_answers_429_at_once_and_needs_the_key(minilm_onnx):
             thread.start()
         time.sleep(0.5)
         started = time.perf_counter()
-        busy = httpx.post(f"{running.url}/v1/embeddings", json={"input": "a"}, headers=key)
+        busy = httpx.post(
+            f"{running.url}/v1/embeddings", json={"model": running.model, "input": "a"}, headers=key
+        )
         assert time.perf_counter() - started < 1.0
         assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
         assert busy.json() == {
@@ -385,7 +408,12 @@ def test_busy_server_answers_429_at_once_and_needs_the_key(minilm_onnx):
         # While busy: the key is still checked first, the alias and hiddenpool's own routes
         # are refused alike, reads go on, and the 429s are counted under their route.
         wrong = {"authorization": "Bearer wrong"}
-        assert post(running, "/v1/embeddings", {"input": "a"}, **wrong).status_code == 401
+        assert (
+            post(
+                running, "/v1/embeddings", {"model": running.model, "input": "a"}, **wrong
+            ).status_code
+            == 401
+        )
         assert post(running, "/embeddings", {"input": "a"}, **key).status_code == 429
         assert post(running, "/embed_tokens", {"inputs": "a"}, **key).status_code == 429
         assert httpx.get(f"{running.url}/health").status_code == 200
@@ -394,7 +422,9 @@ def test_busy_server_answers_429_at_once_and_needs_the_key(minilm_onnx):
         assert 'hiddenpool_requests_total{route="/embed_tokens",status="429"} 1' in counted
         for thread in slow:
             thread.join(300)
-        ok = httpx.post(f"{running.url}/v1/embeddings", json={"input": "a"}, headers=key)
+        ok = httpx.post(
+            f"{running.url}/v1/embeddings", json={"model": running.model, "input": "a"}, headers=key
+        )
         assert ok.status_code == 200
     finally:
         assert running.stop() == 0

@@ -131,7 +131,7 @@ def test_a_request_leaves_no_reference_cycles(onnx_encoder, minilm_onnx):
     service = Service(onnx_encoder, ServerSettings(model_path=minilm_onnx, served_model_name="m"))
     routes = Routes(service)
     texts = ["a cat sits on the mat", "two dogs", "x"]
-    body = json.dumps({"input": texts}).encode()
+    body = json.dumps({"model": "m", "input": texts}).encode()
     scope = {
         "type": "http",
         "method": "POST",

@@ -59,11 +59,11 @@ def post(server: Server, route: str, body: object) -> httpx.Response:
 
 
 def test_a_failing_forward_pass_fails_only_its_requests(faulty, onnx_encoder):
-    response = post(faulty, "/v1/embeddings", {"input": ["a zebra runs"]})
+    response = post(faulty, "/v1/embeddings", {"model": faulty.model, "input": ["a zebra runs"]})
     assert response.status_code == 500
     message = response.json()["error"]["message"]
     assert message == "the forward pass failed (RuntimeError)"
-    good = post(faulty, "/v1/embeddings", {"input": TEXTS})
+    good = post(faulty, "/v1/embeddings", {"model": faulty.model, "input": TEXTS})
     assert good.status_code == 200
     got = np.array([item["embedding"] for item in good.json()["data"]])
     np.testing.assert_allclose(got, onnx_encoder.encode(TEXTS), atol=1e-6)
@@ -78,7 +78,10 @@ def test_a_tokenizer_error_fails_only_its_request(faulty, onnx_encoder):
     bad_inputs = [["fine", "a unicorn-fault here"], ["long text " * 500 + "unicorn-fault"]]
     good_inputs = [TEXTS[i : i + 3] for i in range(0, 9, 3)]
     with httpx.Client(timeout=60) as client, ThreadPool(8) as pool:
-        bodies = [{"input": inputs} for inputs in [*good_inputs, *bad_inputs, *good_inputs]]
+        bodies = [
+            {"model": faulty.model, "input": inputs}
+            for inputs in [*good_inputs, *bad_inputs, *good_inputs]
+        ]
         responses = pool.map(
             lambda body: client.post(f"{faulty.url}/v1/embeddings", json=body), bodies
         )
@@ -137,7 +140,7 @@ def _read_response(connection: socket.socket) -> str:
 
 
 def test_a_slow_client_is_dropped_while_others_are_served(faulty):
-    body = json.dumps({"input": "a slow request"}).encode()
+    body = json.dumps({"model": faulty.model, "input": "a slow request"}).encode()
     connection = _raw(faulty)
     head = (
         "POST /v1/embeddings HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
@@ -156,7 +159,9 @@ def test_a_slow_client_is_dropped_while_others_are_served(faulty):
 
     sender = threading.Thread(target=trickle, daemon=True)
     sender.start()
-    served.append(post(faulty, "/v1/embeddings", {"input": "meanwhile"}).status_code)
+    served.append(
+        post(faulty, "/v1/embeddings", {"model": faulty.model, "input": "meanwhile"}).status_code
+    )
     answer = _read_response(connection)
     connection.close()
     sender.join(5)
@@ -179,11 +184,13 @@ def test_a_content_length_that_lies_is_a_4xx(faulty):
         connection.close()
         status = int(answer.split(" ", 2)[1])
         assert 400 <= status < 500, answer[:200]
-    assert post(faulty, "/v1/embeddings", {"input": "fine"}).status_code == 200
+    assert (
+        post(faulty, "/v1/embeddings", {"model": faulty.model, "input": "fine"}).status_code == 200
+    )
 
 
 def test_hostile_sizes(faulty):
-    many = post(faulty, "/v1/embeddings", {"input": ["x"] * 100_000})
+    many = post(faulty, "/v1/embeddings", {"model": faulty.model, "input": ["x"] * 100_000})
     assert many.status_code == 413 and "--max-client-batch-size" in many.json()["error"]["message"]
     huge = post(faulty, "/embed", {"inputs": ["word " * 200_000]})
     assert huge.status_code == 200 and huge.headers["x-truncated-inputs"] == "1"
@@ -191,7 +198,7 @@ def test_hostile_sizes(faulty):
     assert nul.status_code == 200
     deep = post(faulty, "/embed", {"inputs": "a", "strategy": [[[]]]})
     assert deep.status_code == 422
-    numbers = post(faulty, "/v1/embeddings", {"input": [10**400]})
+    numbers = post(faulty, "/v1/embeddings", {"model": faulty.model, "input": [10**400]})
     assert numbers.status_code == 422
 
 
@@ -283,7 +290,7 @@ def test_a_concurrent_good_request_is_unchanged_by_hostile_ones(faulty, onnx_enc
     for thread in noise:
         thread.start()
     for _ in range(10):
-        response = post(faulty, "/v1/embeddings", {"input": TEXTS})
+        response = post(faulty, "/v1/embeddings", {"model": faulty.model, "input": TEXTS})
         results.append(np.array([item["embedding"] for item in response.json()["data"]]))
     for thread in noise:
         thread.join(60)
@@ -316,13 +323,16 @@ def test_a_dead_worker_turns_health_to_503_and_requests_fail_fast(minilm_onnx, o
         environment={"HIDDENPOOL_TEST_KILL_TOKEN": str(token_id(onnx_encoder, "elephant"))},
     )
     try:
-        assert post(running, "/v1/embeddings", {"input": "fine"}).status_code == 200
-        killed = post(running, "/v1/embeddings", {"input": "an elephant"})
+        assert (
+            post(running, "/v1/embeddings", {"model": running.model, "input": "fine"}).status_code
+            == 200
+        )
+        killed = post(running, "/v1/embeddings", {"model": running.model, "input": "an elephant"})
         assert killed.status_code == 503
         assert "worker stopped" in killed.json()["error"]["message"]
         assert httpx.get(f"{running.url}/health").status_code == 503
         started = time.perf_counter()
-        after = post(running, "/v1/embeddings", {"input": "fine"})
+        after = post(running, "/v1/embeddings", {"model": running.model, "input": "fine"})
         assert after.status_code == 503 and time.perf_counter() - started < 2
     finally:
         running.stop()
@@ -343,7 +353,7 @@ def test_sigterm_drains_every_accepted_request_then_exits_0(minilm_onnx, onnx_en
             try:
                 response = httpx.post(
                     f"{running.url}/v1/embeddings",
-                    json={"input": [texts[r] for r in rows]},
+                    json={"model": running.model, "input": [texts[r] for r in rows]},
                     timeout=60,
                 )
             except httpx.TransportError:

@@ -545,7 +545,20 @@ class Encoder:
             parsed = Strategy.parse(f"{pool_name}@{layers}")
             self.check(parsed)
         except ValueError as error:
-            raise ValueError(f"layers: {layers!r}: {error}") from None
+            message = str(error)
+            if ":" not in layers:
+                # Out of range comes before a missing combine ('last99' on 7 states).
+                try:
+                    self.check(Strategy.parse(f"{pool_name}@{layers}:sum"))
+                except ValueError as ranged:
+                    message = str(ranged)
+            # The strategy is this method's own making; the caller gave only the layers.
+            message = message.split(": ", 1)[1] if message.startswith("strategy ") else message
+            count = self.runner.state_count()
+            message = message.replace("hidden_states has", "the model has")
+            raise ValueError(
+                f"layers: {layers!r}: {message} (the embeddings and {count - 1} layers)"
+            ) from None
         return parsed
 
     def encode_tokens(

@@ -336,12 +336,24 @@ def check_strategies(strategies: Sequence[str]) -> None:
         seen[canonical] = strategy
 
 
-def check_layer_weights(options: ModelOptions) -> None:
-    """``--layer-weights`` only with a ``:weighted`` strategy."""
-    if options.layer_weights is not None and not any(
-        ":weighted" in strategy.replace(" ", "") for strategy in options.strategies or []
-    ):
+def check_layer_weights(options: ModelOptions, strategies: Sequence[str] | None = None) -> None:
+    """``--layer-weights`` with a ``:weighted`` strategy and only with one, before the model
+    loads (``strategies``: where the command's strategies are not ``options.strategies``)."""
+    from hiddenpool.strategy import Strategy
+
+    given = options.strategies if strategies is None else strategies
+    weighted = [
+        strategy
+        for strategy in given or []
+        if strategy.strip() != "model" and Strategy.parse(strategy).combine == "weighted"
+    ]
+    if options.layer_weights is not None and not weighted:
         raise UsageError("--layer-weights: given, but no strategy ends in ':weighted'")
+    if options.layer_weights is None and weighted:
+        raise UsageError(
+            f"strategy {weighted[0]!r}: combines layers by weight; give --layer-weights, one "
+            "weight per chosen layer"
+        )
 
 
 def check_against_model(encoder: Any, options: ModelOptions, strategies: list[str]) -> None:

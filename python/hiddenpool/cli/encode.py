@@ -24,7 +24,7 @@ def encode(options: EncodeOptions) -> int:
         return encode_ray.encode_shards(options)
     mode = options.mode
     strategies = encode_strategies(options, mode)
-    checks.check_layer_weights(options)
+    checks.check_layer_weights(options, strategies)
     _check_single_file(options, mode, strategies)
     chunks = corpus.read_chunks(
         options.input[0],

@@ -100,6 +100,7 @@ def serve(options: ServeOptions) -> int:
     _check(options)
     strategy = options.strategy or "model"
     checks.check_strategies([strategy])
+    checks.check_layer_weights(options, [strategy])
     model = checks.preflight(options, [strategy])
     sock = _bind(options.host, options.port)
     encoder, model_name = checks.load_encoder(options, model)

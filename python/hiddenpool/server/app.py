@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -91,9 +92,30 @@ def create_app(encoder: Any, settings: ServerSettings, announce: str | None = No
         Route("/metrics", route("/metrics", handlers.metrics), methods=["GET"]),
         Route("/openapi.json", route("/openapi.json", handlers.openapi), methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _routing_error}
+    )
     app.state.service = service
     return app
+
+
+async def _routing_error(request: Request, error: Exception) -> Response:
+    """An unknown route (404) or a method a route does not take (405), in the same JSON
+    envelope as every other error, instead of Starlette's plain text."""
+    status = getattr(error, "status_code", 500)
+    headers = dict(getattr(error, "headers", None) or {})
+    path = request.url.path
+    if status == 404:
+        message = f"route: {path} does not exist here (the routes: GET /openapi.json)"
+        param = "route"
+    elif status == 405:
+        allowed = headers.get("allow") or headers.get("Allow") or "another method"
+        message = f"method: {request.method} is not allowed on {path}; use {allowed}"
+        param = "method"
+    else:
+        message = f"{path}: {getattr(error, 'detail', '') or 'the request failed'}"
+        param = None
+    return json_response(RequestError(status, message, param).body(), status, headers)
 
 
 def _authorize(request: Request, api_key: str | None) -> None:

@@ -90,6 +90,25 @@ class CallJob:
     inference_seconds: float = 0.0
 
 
+class MeteredRunner:
+    """The encoder's runner, each forward pass counted in ``/metrics`` as the batcher counts
+    its own (texts, batch sizes, inference seconds): for call jobs (token vectors, late
+    chunking), which batch inside the Encoder. Everything else is the runner's."""
+
+    def __init__(self, runner: Any, observe: Callable[[TokenBatch, float], None]) -> None:
+        self._runner = runner
+        self._observe = observe
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runner, name)
+
+    def run(self, batch: TokenBatch, states: frozenset[int]) -> Any:
+        started = time.perf_counter()
+        hidden = self._runner.run(batch, states)
+        self._observe(batch, time.perf_counter() - started)
+        return hidden
+
+
 @dataclass
 class _Row:
     job: PoolJob
@@ -141,6 +160,10 @@ class Batcher:
 
     def __init__(self, encoder: Any, max_batch_tokens: int, metrics: Metrics) -> None:
         self.encoder = encoder
+        # What call jobs run on: the same runner and pipeline, its passes counted.
+        self.call_encoder = type(encoder).from_runner(
+            MeteredRunner(encoder.runner, self._observe_batch), encoder.pipeline
+        )
         self.max_batch_tokens = max_batch_tokens
         self.metrics = metrics
         self._rows: list[_Row] = []
@@ -303,11 +326,15 @@ class Batcher:
         seconds = time.perf_counter() - started
         for job in jobs:
             job.inference_seconds += seconds
-        self.metrics.forward_texts.inc(len(rows))
-        self.metrics.batch_texts.observe(len(rows))
+        self._observe_batch(batch, seconds)
+        self._pool_batch(rows, batch, hidden, seconds)
+
+    def _observe_batch(self, batch: TokenBatch, seconds: float) -> None:
+        """One forward pass in ``/metrics``: its texts, padded tokens and seconds."""
+        self.metrics.forward_texts.inc(int(batch.ids.shape[0]))
+        self.metrics.batch_texts.observe(int(batch.ids.shape[0]))
         self.metrics.batch_tokens.observe(int(batch.ids.size))
         self.metrics.inference_seconds.observe(seconds)
-        self._pool_batch(rows, batch, hidden, seconds)
 
     def _pool_batch(self, rows: list[_Row], batch: TokenBatch, hidden: Any, seconds: float) -> None:
         groups: dict[tuple[Any, ...], list[int]] = {}

@@ -51,6 +51,27 @@ class RequestError(Exception):
         }
 
 
+# Integer literals longer than this are kept as their digit count: no field takes such a
+# number, and int() of one past Python's limit (4,300 digits) raises inside json.loads,
+# where no field can be named.
+LONGEST_INTEGER = 40
+
+
+class LongInteger(float):
+    """An integer literal of more than ``LONGEST_INTEGER`` digits, as a number no field
+    accepts; ``digits`` says how long it was for the error naming the field."""
+
+    digits: int
+
+
+def _integer(text: str) -> int | LongInteger:
+    if len(text.lstrip("-")) <= LONGEST_INTEGER:
+        return int(text)
+    value = LongInteger("-inf" if text.startswith("-") else "inf")
+    value.digits = len(text.lstrip("-"))
+    return value
+
+
 def _constant(name: str) -> Any:
     raise RequestError(400, f"body: {name} is not JSON (numbers must be finite)", "body")
 
@@ -62,7 +83,7 @@ def parse_json(body: bytes) -> Any:
     except UnicodeDecodeError as error:
         raise RequestError(400, f"body: not UTF-8 ({error.reason})", "body") from None
     try:
-        value = json.loads(text, parse_constant=_constant)
+        value = json.loads(text, parse_constant=_constant, parse_int=_integer)
     except RecursionError:
         raise RequestError(400, "body: JSON nested too deeply", "body") from None
     except json.JSONDecodeError as error:
@@ -112,6 +133,8 @@ def _kind(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
+    if isinstance(value, LongInteger):
+        return f"an integer of {value.digits} digits"
     if isinstance(value, (int, float)):
         return "a number"
     if isinstance(value, str):
@@ -137,6 +160,8 @@ def _check_text(value: Any, where: str) -> str:
 
 
 def _int(value: Any, where: str, low: int = 1) -> int:
+    if isinstance(value, LongInteger):
+        raise RequestError(422, f"{where}: {_kind(value)} is out of range", where)
     if isinstance(value, bool) or not isinstance(value, int):
         raise RequestError(422, f"{where}: expected an integer, got {_kind(value)}", where)
     if value < low:
@@ -181,6 +206,8 @@ def _ids(value: Any, where: str) -> list[int]:
     if not isinstance(value, list) or not value:
         raise RequestError(422, f"{where}: expected a non-empty list of token ids", where)
     for index, item in enumerate(value):
+        if isinstance(item, LongInteger):
+            raise RequestError(422, f"{where}[{index}]: {_kind(item)} is not a token id", where)
         if isinstance(item, bool) or not isinstance(item, int):
             raise RequestError(
                 422, f"{where}[{index}]: expected a token id (integer), got {_kind(item)}", where
@@ -204,15 +231,29 @@ class EmbedRequest:
     several: bool = False  # strategy given as a list: a result per strategy
 
 
-def openai_request(value: Any, max_items: int) -> EmbedRequest:
-    """``POST /v1/embeddings``: OpenAI's fields; others (``user``, extra fields clients
-    send) are ignored, as OpenAI's API does with ``user``."""
+OPENAI_FIELDS = ("input", "model", "encoding_format", "dimensions", "user")
+
+
+def openai_request(value: Any, max_items: int, served: str) -> EmbedRequest:
+    """``POST /v1/embeddings``: OpenAI's fields, as OpenAI's API takes them: ``model`` and
+    ``input`` required, an unknown field (``dimension`` for ``dimensions``) a 400 naming it
+    rather than ignored; ``user`` accepted and unused. ``served`` is the model name a
+    missing ``model`` is told to give."""
     body = _object(value)
+    unknown = [name for name in body if name not in OPENAI_FIELDS]
+    if unknown:
+        raise RequestError(
+            400,
+            f"{unknown[0]!r}: unrecognized request argument; known: {', '.join(OPENAI_FIELDS)}",
+            unknown[0],
+        )
+    if "model" not in body:
+        raise RequestError(400, f"model: required (this server serves {served!r})", "model")
     if "input" not in body:
         raise RequestError(422, "input: required", "input")
     inputs = _inputs(body["input"], "input", max_items, allow_ids=True)
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
+    model = body["model"]
+    if not isinstance(model, str):
         raise RequestError(422, f"model: expected a string, got {_kind(model)}", "model")
     encoding = _encoding(body, null_is_default=True)
     dimensions = body.get("dimensions")
@@ -295,7 +336,7 @@ class ChunksRequest:
     input: str
     spans: list[tuple[int, int]] | None
     chunk_tokens: int | None
-    strategy: str
+    strategy: str | None  # None: the server's --strategy
     normalize: bool
 
 
@@ -339,8 +380,8 @@ def chunks_request(value: Any, max_items: int) -> ChunksRequest:
             spans.append((start, end))
     else:
         chunk_tokens = _int(chunk_tokens, "chunk_tokens")
-    strategy = body.get("strategy", "mean@last")
-    if not isinstance(strategy, str):
+    strategy = body.get("strategy")
+    if strategy is not None and not isinstance(strategy, str):
         raise RequestError(422, f"strategy: expected a string, got {_kind(strategy)}", "strategy")
     return ChunksRequest(
         text, spans, chunk_tokens, strategy, _bool(body.get("normalize", False), "normalize")

@@ -20,6 +20,7 @@ from hiddenpool.pipelines import normalize_rows
 from hiddenpool.server import openapi
 from hiddenpool.server.batcher import PoolJob
 from hiddenpool.server.requests import (
+    CHUNK_FIELDS,
     EmbedRequest,
     RequestError,
     chunks_request,
@@ -159,9 +160,11 @@ class Routes:
     async def openai_embeddings(self, request: Request) -> Response:
         with self.service.permit():
             parsed = openai_request(
-                await self.read_json(request), self.settings.max_client_batch_size
+                await self.read_json(request),
+                self.settings.max_client_batch_size,
+                self.settings.served_model_name,
             )
-            if parsed.model is not None and parsed.model not in self.service.names:
+            if parsed.model not in self.service.names:
                 raise RequestError(
                     404,
                     f"model: {parsed.model!r} is not served here; this server serves "
@@ -221,10 +224,11 @@ class Routes:
                 raise RequestError(422, str(error), "layers") from None
             tokenized = await asyncio.to_thread(self.service.tokenizer.tokenize, parsed.inputs)
             job = await self.service.run_call(
-                lambda: self.encoder.encode_tokens(
+                lambda: self.service.batcher.call_encoder.encode_tokens(
                     parsed.inputs, parsed.layers, max_batch_tokens=self.settings.max_batch_tokens
                 ),
                 request,
+                ("inputs", "layers"),
             )
             data = []
             for index, vectors in enumerate(job.result):
@@ -251,22 +255,24 @@ class Routes:
                 await self.read_json(request), self.settings.max_client_batch_size
             )
             started = time.perf_counter()
+            strategy = parsed.strategy or self.settings.strategy  # --strategy's default
             job = await self.service.run_call(
-                lambda: self.encoder.encode_chunks(
+                lambda: self.service.batcher.call_encoder.encode_chunks(
                     parsed.input,
                     parsed.spans,
                     chunk_tokens=parsed.chunk_tokens,
-                    strategy=parsed.strategy,
+                    strategy=strategy,
                     normalize=parsed.normalize,
                     return_spans=True,
                     max_batch_tokens=self.settings.max_batch_tokens,
                 ),
                 request,
+                CHUNK_FIELDS,
             )
             vectors, spans = job.result
             document = {
                 "model": self.settings.served_model_name,
-                "strategy": parsed.strategy,
+                "strategy": strategy,
                 "data": [
                     {"index": i, "span": [int(s), int(e)], "embedding": row.tolist()}
                     for i, (row, (s, e)) in enumerate(zip(vectors, spans, strict=True))

@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,13 +225,19 @@ class Service:
             raise RequestError(status, str(job.error), "input" if status == 422 else None)
         return job
 
-    async def run_call(self, function: Callable[[], Any], request: Request) -> CallJob:
-        """``function`` on the worker thread (token vectors, late chunking)."""
+    async def run_call(
+        self, function: Callable[[], Any], request: Request, fields: Sequence[str] = ()
+    ) -> CallJob:
+        """``function`` on the worker thread (token vectors, late chunking). Its ValueError
+        or TypeError is a 422 whose ``param`` is the request field the message starts with
+        (one of ``fields``: ``spans[2] = ...`` names ``spans``)."""
         job = CallJob(function, lambda finished: None)
         await self._submit(job, request)
         if job.error is not None:
             if isinstance(job.error, (ValueError, TypeError)):
-                raise RequestError(422, str(job.error).splitlines()[0])
+                message = str(job.error).splitlines()[0]
+                head = re.split(r"[\[ :=]", message, maxsplit=1)[0]
+                raise RequestError(422, message, head if head in fields else None)
             raise RequestError(500, f"the computation failed ({type(job.error).__name__})")
         return job
 
