@@ -176,26 +176,49 @@ def test_embed_three_strategies_tokens_and_chunks(server, onnx_encoder):
         onnx_encoder.encode(TEXTS, "mean@last", prompt="query: ", include_prompt=False),
         atol=1e-6,
     )
+    # Token vectors and late chunking run through the model too, and count there.
+    before = server.metric("hiddenpool_forward_texts_total")
+    batches_before = _histogram_count(server, "hiddenpool_batch_texts")
     tokens = post(server, "/embed_tokens", {"inputs": TEXTS[:3], "layers": "last4:mean"}).json()
+    assert server.metric("hiddenpool_forward_texts_total") - before == 3
+    assert _histogram_count(server, "hiddenpool_batch_texts") > batches_before
     for entry, vectors in zip(
         tokens["data"], onnx_encoder.encode_tokens(TEXTS[:3], "last4:mean"), strict=True
     ):
         np.testing.assert_allclose(entry["embeddings"], vectors, atol=1e-6)
         assert len(entry["offsets"]) == len(entry["tokens"]) == len(vectors)
     text = " ".join(TEXTS)
+    # Without a strategy, chunks take the server's (--strategy, here "model": mean@last,
+    # normalized), as every other route does.
+    before = server.metric("hiddenpool_forward_texts_total")
     chunks = post(server, "/embed_chunks", {"input": text, "spans": [[0, 26], [27, 51]]}).json()
+    assert server.metric("hiddenpool_forward_texts_total") - before == 1  # one window
+    assert chunks["strategy"] == "model"
+    rows = np.array([item["embedding"] for item in chunks["data"]])
     np.testing.assert_allclose(
-        [item["embedding"] for item in chunks["data"]],
-        onnx_encoder.encode_chunks(text, [(0, 26), (27, 51)]),
-        atol=1e-6,
+        rows, onnx_encoder.encode_chunks(text, [(0, 26), (27, 51)], strategy="model"), atol=1e-6
     )
-    by_tokens = post(server, "/embed_chunks", {"input": text, "chunk_tokens": 8}).json()
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-6)
+    by_tokens = post(
+        server, "/embed_chunks", {"input": text, "chunk_tokens": 8, "strategy": "mean@last"}
+    ).json()
     vectors, spans = onnx_encoder.encode_chunks(text, chunk_tokens=8, return_spans=True)
     np.testing.assert_allclose([i["embedding"] for i in by_tokens["data"]], vectors, atol=1e-6)
     assert [tuple(i["span"]) for i in by_tokens["data"]] == [tuple(s) for s in spans]
 
 
+def _histogram_count(server: Server, name: str) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    return float(re.search(rf"^{name}_count (\S+)$", text, re.MULTILINE).group(1))
+
+
 BAD_REQUESTS = [
+    # OpenAI's API: model required, an unrecognized argument a 400 naming it.
+    ("/v1/embeddings", {"input": "a"}, 400, "model"),
+    ("/v1/embeddings", {"model": "minilm-onnx", "input": "a", "dimension": 64}, 400, "dimension"),
+    ("/embed_tokens", {"inputs": "a", "layers": "last99"}, 422, "layers"),
+    ("/embed_chunks", {"input": "ab    cd", "spans": [[2, 5]]}, 422, "spans"),
+    ("/embed_chunks", {"input": "abc", "chunk_tokens": 2, "strategy": "eos@last"}, 422, "strategy"),
     ("/v1/embeddings", {"model": "minilm-onnx", "input": []}, 422, "input"),
     ("/v1/embeddings", {"model": "minilm-onnx", "input": ""}, 422, "input"),
     ("/v1/embeddings", {"model": "minilm-onnx", "input": [1, "a"]}, 422, "input[0]"),
@@ -240,6 +263,63 @@ def test_errors_name_the_field_and_the_server_keeps_serving(server, route, body,
     assert (
         post(server, "/v1/embeddings", {"model": server.model, "input": "still here"}).status_code
         == 200
+    )
+
+
+def test_error_messages_name_what_the_caller_gave(server):
+    unknown = post(
+        server, "/v1/embeddings", {"model": "minilm-onnx", "input": "a", "dimension": 64}
+    )
+    assert unknown.json()["error"]["message"].startswith("'dimension': unrecognized request")
+    missing = post(server, "/v1/embeddings", {"input": "a"}).json()["error"]["message"]
+    assert missing == "model: required (this server serves 'minilm-onnx')"
+    layers = post(server, "/embed_tokens", {"inputs": "a", "layers": "last99"})
+    message = layers.json()["error"]["message"]
+    assert message.startswith("layers: 'last99': 'last99' needs 99 hidden states but the model")
+    assert "has 7 (the embeddings and 6 layers)" in message and "first@" not in message
+
+
+def test_a_huge_integer_in_any_field_is_a_4xx_naming_it(server):
+    """5,000 digits: past Python's limit on int() of a string, raised inside JSON parsing."""
+    digits = "9" * 5000
+    for route, body, param in (
+        ("/v1/embeddings", f'{{"model": "minilm-onnx", "input": {digits}}}', "input"),
+        ("/v1/embeddings", f'{{"model": "minilm-onnx", "input": [{digits}]}}', "input[0]"),
+        ("/v1/embeddings", f'{{"model": "minilm-onnx", "input": "a", "dimensions": {digits}}}',
+         "dimensions"),
+        ("/embed", f'{{"inputs": [{digits}]}}', "inputs[0]"),
+        ("/embed", f'{{"inputs": "a", "dimensions": -{digits}}}', "dimensions"),
+        ("/embed_tokens", f'{{"inputs": {digits}}}', "inputs"),
+        ("/embed_chunks", f'{{"input": "abc", "chunk_tokens": {digits}}}', "chunk_tokens"),
+        ("/embed_chunks", f'{{"input": "abc", "spans": [[0, {digits}]]}}', "spans"),
+    ):  # fmt: skip
+        response = httpx.post(
+            f"{server.url}{route}",
+            content=body.encode(),
+            headers={"content-type": "application/json"},
+            timeout=60,
+        )
+        assert response.status_code == 422, (route, response.text)
+        error = response.json()["error"]
+        assert error["param"] == param, (route, error)
+        assert "5000 digits" in error["message"] or "integers" in error["message"], error
+
+
+def test_unknown_routes_and_methods_answer_in_the_json_envelope(server):
+    missing = httpx.get(f"{server.url}/v2/embeddings")
+    assert missing.status_code == 404
+    assert missing.json() == {
+        "error": {
+            "message": "route: /v2/embeddings does not exist here (the routes: GET /openapi.json)",
+            "type": "not_found_error",
+            "param": "route",
+            "code": None,
+        }
+    }
+    wrong = httpx.get(f"{server.url}/v1/embeddings")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json()["error"]["message"] == (
+        "method: GET is not allowed on /v1/embeddings; use POST"
     )
 
 
@@ -436,12 +516,23 @@ def test_busy_server_answers_429_at_once_and_needs_the_key(minilm_onnx):
 
 def test_torch_backend_equals_the_encoder(minilm_path, minilm):
     openai = pytest.importorskip("openai")
-    running = Server("--model", minilm_path, "--backend", "torch")
+    running = Server("--model", minilm_path, "--backend", "torch", "--strategy", "cls@last")
     try:
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused")
         response = client.embeddings.create(model="model", input=TEXTS)
         got = np.array([item.embedding for item in response.data], dtype=np.float32)
-        np.testing.assert_allclose(got, minilm.encode(TEXTS, "model"), atol=1e-6)
+        np.testing.assert_allclose(got, minilm.encode(TEXTS, "cls@last"), atol=1e-6)
+        # --strategy is every route's default, late chunking's too.
+        text = " ".join(TEXTS)
+        chunks = httpx.post(
+            f"{running.url}/embed_chunks", json={"input": text, "chunk_tokens": 6}, timeout=60
+        ).json()
+        assert chunks["strategy"] == "cls@last"
+        np.testing.assert_allclose(
+            [item["embedding"] for item in chunks["data"]],
+            minilm.encode_chunks(text, chunk_tokens=6, strategy="cls@last"),
+            atol=1e-5,
+        )
         embed = httpx.post(
             f"{running.url}/embed",
             json={"inputs": TEXTS, "strategy": ["cls@last", "mean@first_last:mean"]},
