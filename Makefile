@@ -21,10 +21,11 @@ $(STAMP): requirements/dev.txt pyproject.toml
 	$(PYTHON) -m pip install --quiet -r requirements/dev.txt
 	touch $@
 
-# pip, run by maturin, says "Ignoring X: markers 'extra == ...' don't match" once per
-# optional dependency; those lines are dropped (errors still show and still fail).
+# pip, run by maturin, says "Ignoring X: markers '... extra == ...' don't match" once per
+# optional dependency (uvloop's marker names the platform first); those lines are dropped
+# (errors still show and still fail).
 build: $(STAMP)
-	set -o pipefail; maturin develop --release --quiet 2>&1 | { grep -v "^Ignoring .*: markers 'extra ==" || true; }
+	set -o pipefail; maturin develop --release --quiet 2>&1 | { grep -v "^Ignoring .*: markers '.*extra ==" || true; }
 
 demo: build
 	mkdir -p build

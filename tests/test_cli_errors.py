@@ -162,7 +162,9 @@ def test_strategies_checked_against_the_model_before_encoding(
         "last@last",
     )
     assert_one_line_error(
-        run_cli(*common, "--strategy", "mean@last4:weighted"), "layer_weights", "--layer-weights"
+        run_cli(*common, "--strategy", "mean@last4:weighted"),
+        "combines layers by weight",
+        "give --layer-weights",
     )
     assert_one_line_error(
         run_cli(*common, "--layer-weights", "1", "2"), "--layer-weights: given, but no strategy"
@@ -250,9 +252,18 @@ def test_json_array_input_and_both_strategy_spellings(tiny_bert_folder, tmp_path
 def test_help_and_version():
     version = run_cli("--version")
     assert version.returncode == 0 and version.stdout.strip().startswith("hiddenpool 0.")
-    for command in ("compare", "encode", "export", "bench"):
+    for command in ("compare", "encode", "serve", "export", "bench"):
         result = run_cli(command, "--help")
         assert result.returncode == 0
-        assert "POOL[+POOL...]@LAYERS[:COMBINE]" in result.stdout and "examples:" in result.stdout
+        # Each command's own examples; the grammar where it takes strategies.
+        examples = result.stdout.split("examples:", 1)[1].split()
+        assert examples[:2] == ["hiddenpool", command], (command, examples[:2])
+        assert all(
+            word == command
+            for previous, word in zip(examples, examples[1:], strict=False)
+            if previous == "hiddenpool"
+        ), command
+        grammar = "POOL[+POOL...]@LAYERS[:COMBINE]" in result.stdout
+        assert grammar == (command in ("compare", "encode", "serve")), command
     encode_help = " ".join(run_cli("encode", "--help").stdout.split())
     assert "(default: 1024)" in encode_help and "(default: raise)" in encode_help

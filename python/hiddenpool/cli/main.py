@@ -26,18 +26,47 @@ from hiddenpool.cli import bench, compare, encode, encode_options, export, serve
 from hiddenpool.cli.checks import Accumulate, UsageError
 from hiddenpool.runners.tokens import DEFAULT_MAX_BATCH_TOKENS
 
-STRATEGY_HELP = """strategies: POOL[+POOL...]@LAYERS[:COMBINE]
+GRAMMAR = """strategies: POOL[+POOL...]@LAYERS[:COMBINE]
   pools:    mean, sum, max, mean_sqrt_len, weighted_mean, first (or cls), last, eos
   layers:   last, lastN, all, embeddings, first_last, -2, 1..4, -4..-1, -1,-2 (0 = embeddings)
   combine:  sum, mean, concat, weighted (needs --layer-weights); required for several layers
-examples:
+"""
+# Each command's --help ends with its own examples (the grammar where it takes strategies).
+EXAMPLES = {
+    "compare": """
   hiddenpool compare --strategies mean@last cls@last mean@last4:sum
+  hiddenpool compare --data sts-dev.csv --sweep --plot sweep.png
+  hiddenpool compare --task retrieval --data pairs.jsonl --json ranking.json
+""",
+    "encode": """
   hiddenpool encode --input texts.txt --output vectors.npy --strategy mean@last --normalize
   hiddenpool encode --input corpus.parquet --column body --output vectors.parquet
   hiddenpool encode --input texts.txt --words --output words.jsonl
   hiddenpool encode --ray --input 'shards/*.jsonl' --output encoded/
-  hiddenpool export path/to/model --output model-onnx --quantize int8
-"""
+""",
+    "export": """
+  hiddenpool export --output model-onnx                      # the default model, float32
+  hiddenpool export path/to/model --output model-int8 --quantize int8
+  hiddenpool export path/to/model --output model-int8s --quantize int8-static
+""",
+    "serve": """
+  hiddenpool serve --model model-onnx --port 8000
+  hiddenpool serve --strategy cls@last --api-key "$KEY" --host 0.0.0.0
+  curl localhost:8000/v1/embeddings -H 'content-type: application/json' \\
+       -d '{"model": "model-onnx", "input": ["a text"]}'
+""",
+    "bench": """
+  hiddenpool bench
+  hiddenpool bench --shapes 32x128x384 --dtypes float32 --threads 2
+  hiddenpool bench --tiers                 # each runtime and precision on this CPU
+""",
+}
+TAKES_STRATEGIES = ("compare", "encode", "serve")
+
+
+def _epilog(command: str) -> str:
+    grammar = GRAMMAR if command in TAKES_STRATEGIES else ""
+    return f"{grammar}examples:{EXAMPLES[command]}"
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -137,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="hiddenpool",
         description=__doc__,
-        epilog=STRATEGY_HELP,
+        epilog=GRAMMAR,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"hiddenpool {__version__}")
@@ -145,7 +174,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         return commands.add_parser(
-            name, help=help, description=help, epilog=STRATEGY_HELP, formatter_class=_HelpFormatter
+            name, help=help, description=help, epilog=_epilog(name), formatter_class=_HelpFormatter
         )
 
     compare_command = command("compare", "rank pooling strategies on sentence-similarity data")
