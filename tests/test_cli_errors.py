@@ -5,6 +5,7 @@ documented strategies reachable (weighted layers, --missing-eos)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import stat
@@ -260,7 +261,7 @@ def test_help_and_version():
         assert examples[:2] == ["hiddenpool", command], (command, examples[:2])
         assert all(
             word == command
-            for previous, word in zip(examples, examples[1:], strict=False)
+            for previous, word in itertools.pairwise(examples)
             if previous == "hiddenpool"
         ), command
         grammar = "POOL[+POOL...]@LAYERS[:COMBINE]" in result.stdout

@@ -207,3 +207,64 @@ def test_weighted_without_weights_is_refused_before_loading(unloadable_bert, tmp
     ):  # fmt: skip
         result = run_cli(*arguments)
         assert_one_line_error(result, ":weighted': combines layers by weight; give --layer-weights")
+
+
+# Item 14: progress and noise.
+
+
+def test_encode_shows_one_progress_bar_for_the_whole_corpus(tiny_bert_folder, tmp_path):
+    """On a terminal: one bar whose count of texts only grows across the reader's chunks
+    (it restarted with every chunk), ending at the corpus' size."""
+    import fcntl
+    import pty
+    import re
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    texts = [f"text number {index} about cats" for index in range(50)]
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(texts) + "\n")
+    leader, follower = pty.openpty()
+    # A terminal 120 columns wide (a new pty is 0 x 0, where tqdm draws nothing).
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hiddenpool", "encode", "--model", tiny_bert_folder,
+         "--input", str(source), "--output", str(tmp_path / "out.npy"), "--chunk-size", "8",
+         "--max-batch-tokens", "24", "--strategy", "mean@last"],
+        stdout=subprocess.PIPE, stderr=follower,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore"),
+    )  # fmt: skip
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the follower closed: the process ended
+            break
+        if not data:
+            break
+        shown += data
+    os.close(leader)
+    assert process.wait(timeout=120) == 0
+    counts = [int(n) for n in re.findall(rb"encoding: *(?:\d+%\|[^|]*\| *)?(\d+) texts", shown)]
+    assert counts and counts[-1] == len(texts), shown[-300:]
+    assert counts == sorted(counts), counts  # never restarts
+    assert b"texts/s" in shown
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy").shape, (50, 16))
+
+
+def test_export_says_each_phase(tiny_bert_folder, tmp_path):
+    result = run_cli(
+        "export", tiny_bert_folder, "--output", str(tmp_path / "x"), "--quantize", "int8"
+    )
+    assert result.returncode == 0, result.stderr
+    phases = [line.split(": ", 1)[1].rsplit(" (", 1)[0] for line in result.stderr.splitlines()]
+    assert phases == [
+        "loading the model",
+        "exporting the graph",
+        "checking it against torch",
+        "quantizing (dynamic int8)",
+        "writing the folder",
+    ]

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -51,6 +51,9 @@ from hiddenpool.text_spans import (
 )
 
 Backend = Literal["auto", "torch", "onnx", "openvino"]
+# A tqdm bar (True), none (False), a bar on a terminal (None), or a function told how many
+# texts each batch finished: one bar across many calls (``hiddenpool encode``'s chunks).
+Progress = bool | Callable[[int], None] | None
 Precision = Literal["fp32", "bf16", "int8"]
 
 
@@ -329,7 +332,7 @@ class Encoder:
         batch_size: int | None = None,
         max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
         normalize: bool = False,
-        progress: bool | None = None,
+        progress: Progress = None,
         output: Literal["numpy", "torch"] = "numpy",
         missing_eos: Literal["raise", "last"] = "raise",
         layer_weights: Sequence[float] | None = None,
@@ -350,7 +353,8 @@ class Encoder:
         ``batch_size`` texts (None: no limit) and at most ``max_batch_tokens`` padded tokens
         (None: no limit; a longer text gets a batch of its own). ``normalize`` scales each
         row to unit L2 norm. ``progress`` shows a tqdm bar (default: when stderr is a
-        terminal, tqdm is installed and there is more than one batch). ``output="torch"``
+        terminal, tqdm is installed and there is more than one batch); a function instead
+        is called with the number of texts of each batch as it finishes. ``output="torch"``
         returns CPU tensors. Texts longer than ``max_length`` tokens are truncated, with a
         warning that counts them. ``missing_eos``, ``layer_weights`` and ``layer_scale`` are
         ``hiddenpool.pool``'s (the last two for ``:weighted`` strategies). ``timings``, when
@@ -521,10 +525,15 @@ class Encoder:
         tokenized: Tokenized,
         batch_size: int | None,
         max_batch_tokens: int | None,
-        progress: bool | None,
+        progress: Progress,
     ) -> Iterator[TokenBatch]:
         """Padded batches of ``tokenized``, longest first, filled to the token budget."""
         batches = plan_batches(tokenized.lengths, batch_size, max_batch_tokens)
+        if callable(progress):
+            for rows in batches:
+                yield pad_batch(tokenized, rows, self.runner.tokenizer)
+                progress(len(rows))  # the consumer is back for the next: this one is done
+            return
         iterator: Iterable[list[int]] = batches
         if _show_progress(progress, len(batches)):
             from tqdm.auto import tqdm
@@ -568,7 +577,7 @@ class Encoder:
         *,
         batch_size: int | None = None,
         max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
-        progress: bool | None = None,
+        progress: Progress = None,
     ) -> list[np.ndarray]:
         """One ``[n_i, D]`` float32 array per text: the hidden state of each of its real
         tokens (special tokens included, padding never, under either padding side), in
@@ -600,7 +609,7 @@ class Encoder:
         return_offsets: bool = False,
         batch_size: int | None = None,
         max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
-        progress: bool | None = None,
+        progress: Progress = None,
     ) -> list[Any]:
         """One ``[w_i, D]`` float32 array per text: one vector per word, pooling its subtokens
         (the fast tokenizer's ``word_ids``) with ``pool`` (``first``, ``last``, ``mean``,
@@ -645,7 +654,7 @@ class Encoder:
         strategy: Strategy,
         batch_size: int | None,
         max_batch_tokens: int | None,
-        progress: bool | None,
+        progress: Progress,
     ) -> list[np.ndarray]:
         """Pools, for each text i, the token spans ``spans_of[i]`` (``(start, end)`` over its
         own tokens, counted without padding): ``[len(spans_of[i]), D]`` float32 each."""
@@ -984,9 +993,9 @@ def _pipeline_of(folder: str, project: bool) -> Pipeline | None:
     return read_pipeline(folder)
 
 
-def _show_progress(progress: bool | None, batches: int) -> bool:
+def _show_progress(progress: Progress, batches: int) -> bool:
     if progress is not None and not isinstance(progress, bool):
-        raise ValueError(f"progress: expected True, False or None, got {progress!r}")
+        raise ValueError(f"progress: expected True, False, None or a function, got {progress!r}")
     try:
         import tqdm  # noqa: F401
     except ImportError:

@@ -23,7 +23,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from typing import Any, Literal
 
@@ -49,6 +49,7 @@ def export_onnx(
     project: bool = False,
     max_length: int | None = None,
     calibration: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> str:
     """Exports ``model`` (a transformers folder, an installed model name, or an ``Encoder``
     on the torch runner) to ``output_dir`` (new or empty) and returns its path.
@@ -60,7 +61,9 @@ def export_onnx(
     ``default_calibration_texts``), which OpenVINO runs fastest. ``project=True`` loads a
     CLIP model with its text projection and saves the projection beside the graph.
     ``max_length`` (for a folder or name; an Encoder brings its own) is the token limit
-    written to the manifest.
+    written to the manifest. ``progress`` is told each phase as it starts (``"loading the
+    model"``, ``"exporting the graph"``, ``"checking it against torch"``, ``"quantizing"``,
+    ``"writing the folder"``); the command line prints them.
 
     Load the result with ``Encoder.from_pretrained(output_dir)``. Dynamic int8 rows depend a
     little on which texts share a batch (one activation scale per batch); static ones do not.
@@ -105,7 +108,7 @@ def export_onnx(
     try:
         os.makedirs(os.path.dirname(output), exist_ok=True)
         with _quiet():
-            return _export(model, output, quantize, project, max_length, texts)
+            return _export(model, output, quantize, project, max_length, texts, progress)
     except BaseException:
         for folder in made:  # deepest first
             with contextlib.suppress(OSError):
@@ -190,16 +193,24 @@ def _export(
     project: bool,
     max_length: int | None,
     calibration: list[str] | None,
+    progress: Callable[[str], None] | None = None,
 ) -> str:
+    say = progress or (lambda phase: None)
+    say("loading the model")
     runner, source = _torch_runner(model, project, max_length)
     with _eager_attention(runner.model), _staging(output) as staging:
         graph = os.path.join(staging, "model.onnx")
+        say("exporting the graph")
         inputs = _export_graph(runner, graph)
+        say("checking it against torch")
         _check_against_torch(runner, graph, inputs)
         if quantize == "int8":
+            say("quantizing (dynamic int8)")
             _quantize(graph)
         elif quantize == "int8-static" and calibration is not None:
+            say(f"quantizing (static int8, calibrating on {len(calibration)} texts)")
             _quantize_static(graph, runner, inputs, calibration)
+        say("writing the folder")
         runner.transformers_tokenizer.save_pretrained(staging)
         if not os.path.isfile(os.path.join(staging, "tokenizer.json")):
             raise ValueError(

@@ -5,6 +5,9 @@ token and word vectors (JSON lines, .npz) out, read, encoded and written chunk b
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from hiddenpool.cli import checks
@@ -101,11 +104,14 @@ def _encode_pooled(
         "dimensions": options.dimensions,
     }
     widths: dict[str, int] = {}
-    with corpus.EmbeddingWriter(
-        options.output, strategies, id_name=options.id_column or "id"
-    ) as writer:
+    with (
+        corpus.EmbeddingWriter(
+            options.output, strategies, id_name=options.id_column or "id"
+        ) as writer,
+        corpus_progress() as progress,
+    ):
         for chunk in chunks:
-            result = encoder.encode(chunk.texts, strategies, **keywords)
+            result = encoder.encode(chunk.texts, strategies, progress=progress, **keywords)
             widths = {key: value.shape[1] for key, value in result.items()}
             writer.append(chunk.ids, result)
         if not writer.rows:
@@ -119,28 +125,65 @@ def _encode_pooled(
 def _encode_spans(encoder: Any, options: EncodeOptions, mode: str, chunks: Any) -> tuple[int, int]:
     """``--tokens`` / ``--words``: per-text vectors chunk by chunk into JSON lines or .npz."""
     pool_name, layers = span_options(options, mode)
-    keywords = {"batch_size": options.batch_size, "max_batch_tokens": options.max_batch_tokens}
+    keywords: dict[str, Any] = {
+        "batch_size": options.batch_size,
+        "max_batch_tokens": options.max_batch_tokens,
+    }
     # Checked on the model (an ONNX graph may lack the layers) before the output is opened.
     probe = encoder._layer_strategy(pool_name, layers)
     width = encoder.encode([], probe).shape[1]
     writer = corpus.SpanWriter(options.output)
     try:
-        for chunk in chunks:
-            if mode == "tokens":
-                vectors = encoder.encode_tokens(chunk.texts, layers, **keywords)
-                writer.append(chunk.ids, vectors)
-            else:
-                pairs = encoder.encode_words(
-                    chunk.texts, pool_name, layers, return_offsets=True, **keywords
-                )
-                writer.append(
-                    chunk.ids,
-                    [vectors for vectors, _ in pairs],
-                    chunk.texts,
-                    [offsets for _, offsets in pairs],
-                )
+        with corpus_progress() as progress:
+            keywords["progress"] = progress
+            _write_spans(encoder, mode, pool_name, layers, chunks, writer, keywords)
     except BaseException:
         writer.abort()
         raise
     writer.close(width)
     return writer.rows, width
+
+
+def _write_spans(
+    encoder: Any,
+    mode: str,
+    pool_name: str,
+    layers: str,
+    chunks: Any,
+    writer: Any,
+    keywords: dict[str, Any],
+) -> None:
+    for chunk in chunks:
+        if mode == "tokens":
+            vectors = encoder.encode_tokens(chunk.texts, layers, **keywords)
+            writer.append(chunk.ids, vectors)
+        else:
+            pairs = encoder.encode_words(
+                chunk.texts, pool_name, layers, return_offsets=True, **keywords
+            )
+            writer.append(
+                chunk.ids,
+                [vectors for vectors, _ in pairs],
+                chunk.texts,
+                [offsets for _, offsets in pairs],
+            )
+
+
+@contextlib.contextmanager
+def corpus_progress() -> Iterator[Callable[[int], None] | bool]:
+    """One progress bar for the whole corpus (texts done and texts/s, across the reader's
+    chunks) where stderr is a terminal and tqdm is installed; else False, which keeps the
+    Encoder's own per-call bar off too (it would restart with every chunk)."""
+    if not sys.stderr.isatty():
+        yield False
+        return
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        yield False
+        return
+    bar = tqdm(desc="encoding", unit=" texts", smoothing=0.1)
+    try:
+        yield bar.update
+    finally:
+        bar.close()

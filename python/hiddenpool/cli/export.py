@@ -7,6 +7,9 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import sys
+import time
+from collections.abc import Callable
 
 from hiddenpool.cli import checks
 from hiddenpool.cli.checks import UsageError
@@ -89,6 +92,7 @@ def export(options: ExportOptions) -> int:
             project=options.project,
             max_length=options.max_length,
             calibration=calibration,
+            progress=_phase_printer(),
         )
     except OSError as error:
         raise UsageError(f"MODEL {model}: could not load a model there ({error})") from None
@@ -127,3 +131,18 @@ def read_calibration(path: str | None, quantize: str | None) -> list[str] | None
     if not texts:
         raise UsageError(f"--calibration {path}: no texts in it (one text per line)")
     return texts
+
+
+def _phase_printer() -> Callable[[str], None]:
+    """Prints each export phase on stderr as it starts, with the seconds since the first:
+    an export is silent for half a minute otherwise."""
+    started = time.perf_counter()
+
+    def say(phase: str) -> None:
+        print(
+            f"hiddenpool export: {phase} ({time.perf_counter() - started:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return say
