@@ -156,7 +156,14 @@ def test_cli_writes_one_parquet_per_shard_and_resumes(
     ]
     result = run_cli(*arguments)
     assert result.returncode == 0, result.stderr
-    assert "hold all" not in result.stderr
+    # Ray's own lines go to its logs; the one it prints for every Ray Data actor pool
+    # (README "Encoding a large corpus") is the only one left.
+    noise = [
+        line
+        for line in result.stderr.splitlines()
+        if line.strip() and "has constructor arguments in the object store" not in line
+    ]
+    assert noise == [], result.stderr
     files = sorted(os.listdir(output))
     assert files == ["part-0.parquet", "part-1.parquet", "part-2.parquet"]
     expected = {row["id"]: single_process["mean@last"][i] for i, row in enumerate(corpus_rows)}

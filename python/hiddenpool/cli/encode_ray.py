@@ -88,17 +88,29 @@ def encode_shards(options: EncodeOptions) -> int:
     os.makedirs(folder, exist_ok=True)
     import logging
 
-    # Ray Data logs every scheduling step at INFO to the terminal; its own log files (under
-    # /tmp/ray/session_*/logs) keep them. The command prints one line per shard instead.
-    logging.getLogger("ray").setLevel(logging.WARNING)
+    # A successful run prints its own lines only (one per shard); Ray's go to its session
+    # logs (/tmp/ray/session_*/logs), where they are kept whole:
+    # - ray.init's notes (token authentication is on, ...): its logging_level, ERROR;
+    # - Ray Data's INFO and WARNING lines ("Starting execution", "Progress bars disabled"):
+    #   the console handler of the "ray.data" logger, ERROR (its file handler keeps all).
+    # Errors still show, and a failure still raises. One line stays: the driver's C++ core
+    # worker says at ERROR level that Ray Data's actors take their constructor arguments
+    # from the object store and may be restarted (ray #53727), true of every actor pool
+    # Ray Data makes; only RAY_BACKEND_LOG_LEVEL=fatal hides it, which hides the driver's
+    # real C++ errors too, so it is left, and the README says what it means.
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(
             address=options.address,
             log_to_driver=False,
             include_dashboard=False,
-            logging_level=logging.WARNING,
+            logging_level=logging.ERROR,
         )
+    import ray.data
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)
     try:
         return _run(options, ray, pending, model, strategies, column, id_column)
     finally:
