@@ -17,6 +17,7 @@ import sys
 import urllib.request
 
 import numpy as np
+from site_size import site_packages_mb
 
 folder = sys.argv[1]
 for absent in ("torch", "transformers"):
@@ -50,3 +51,4 @@ finally:
     code = server.wait(timeout=60)
 assert code == 0, code
 print("hiddenpool serve without torch answers with SentenceTransformer's vectors to 1e-5")
+print(f"site-packages of this environment ([onnx,serve]): {site_packages_mb():.0f} MB")
