@@ -17,6 +17,7 @@ import sys
 import urllib.request
 
 import numpy as np
+
 from site_size import site_packages_mb
 
 folder = sys.argv[1]
