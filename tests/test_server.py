@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import numpy as np
@@ -80,9 +80,9 @@ class Server:
             raise AssertionError(f"server did not start: {self.process.stderr.read()}")  # type: ignore[union-attr]
         return lines[0]
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, **headers: str) -> float:
         """An unlabelled counter or gauge from ``/metrics``."""
-        text = httpx.get(f"{self.url}/metrics", timeout=30).text
+        text = httpx.get(f"{self.url}/metrics", headers=headers, timeout=30).text
         match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
         assert match, f"{name} not in /metrics"
         return float(match.group(1))
@@ -102,6 +102,15 @@ def server(minilm_onnx) -> Iterator[Server]:
     running = Server("--model", minilm_onnx, "--max-batch-tokens", "4096")
     yield running
     assert running.stop() == 0
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 60) -> None:
+    """Polls ``condition`` until it holds (at most ``seconds``): what the server has done,
+    not how long it usually takes, so a loaded machine only makes the wait longer."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
 
 
 def post(server: Server, route: str, body: object, **headers: str) -> httpx.Response:
@@ -421,14 +430,14 @@ def test_a_client_that_leaves_while_queued_costs_no_forward_pass(server):
         target=lambda: results.append(post(server, "/embed", {"inputs": big})), daemon=True
     )
     first.start()
-    time.sleep(0.3)  # the big request is in the worker
+    # Until the big request is in the worker (its first batch ran), however slow the machine.
+    wait_for(lambda: server.metric("hiddenpool_forward_texts_total") > before)
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{server.url}/embed", json={"inputs": corpus(40, seed=4)}, timeout=0.5)
+        httpx.post(f"{server.url}/embed", json={"inputs": corpus(40, seed=4)}, timeout=1.0)
     first.join(300)
     assert results and results[0].status_code == 200
-    time.sleep(0.5)
+    wait_for(lambda: server.metric("hiddenpool_cancelled_texts_total") - cancelled_before == 40)
     assert server.metric("hiddenpool_forward_texts_total") - before == len(big)
-    assert server.metric("hiddenpool_cancelled_texts_total") - cancelled_before == 40
     assert post(server, "/embed", {"inputs": "after"}).status_code == 200
 
 
@@ -468,13 +477,14 @@ def test_busy_server_answers_429_at_once_and_needs_the_key(minilm_onnx):
         ]
         for thread in slow:
             thread.start()
-        time.sleep(0.5)
-        started = time.perf_counter()
+        # Both slow requests accepted, then one more is refused at once: while they are
+        # still running, not after them (states, not wall-clock margins).
+        wait_for(lambda: running.metric("hiddenpool_requests_in_flight", **key) == 2)
         busy = httpx.post(
             f"{running.url}/v1/embeddings", json={"model": running.model, "input": "a"}, headers=key
         )
-        assert time.perf_counter() - started < 1.0
         assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+        assert running.metric("hiddenpool_requests_in_flight", **key) == 2  # still running
         assert busy.json() == {
             "error": {
                 "message": "server busy: 2 requests in flight (--max-concurrent-requests); "

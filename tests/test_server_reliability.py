@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hiddenpool import Encoder
-from test_server import TEXTS, Server, corpus
+from test_server import TEXTS, Server, corpus, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -101,14 +101,15 @@ def test_a_tokenizer_error_fails_only_its_request(faulty, onnx_encoder):
 
 def test_deadline_gives_504_and_drops_the_texts(faulty):
     before = faulty.metric("hiddenpool_forward_texts_total")
-    started = time.perf_counter()
+    cancelled = faulty.metric("hiddenpool_cancelled_texts_total")
     response = post(faulty, "/embed", {"inputs": corpus(2000, seed=7)})
     assert response.status_code == 504
-    assert time.perf_counter() - started < 4
     assert "--request-timeout" in response.json()["error"]["message"]
-    time.sleep(2)
+    # Answered before the work was done, and what had not run yet is dropped: the order of
+    # events, not a wall-clock margin.
     assert faulty.metric("hiddenpool_forward_texts_total") - before < 2000
-    assert faulty.metric("hiddenpool_cancelled_texts_total") > 0
+    wait_for(lambda: faulty.metric("hiddenpool_cancelled_texts_total") > cancelled)
+    assert faulty.metric("hiddenpool_forward_texts_total") - before < 2000
     assert post(faulty, "/embed", {"inputs": "next"}).status_code == 200
 
 
@@ -320,6 +321,8 @@ def test_a_dead_worker_turns_health_to_503_and_requests_fail_fast(minilm_onnx, o
     running = Server(
         "--model",
         minilm_onnx,
+        "--request-timeout",
+        "120",
         environment={"HIDDENPOOL_TEST_KILL_TOKEN": str(token_id(onnx_encoder, "elephant"))},
     )
     try:
@@ -331,9 +334,10 @@ def test_a_dead_worker_turns_health_to_503_and_requests_fail_fast(minilm_onnx, o
         assert killed.status_code == 503
         assert "worker stopped" in killed.json()["error"]["message"]
         assert httpx.get(f"{running.url}/health").status_code == 503
+        # Refused at once, not held until --request-timeout (120 s here) runs out.
         started = time.perf_counter()
         after = post(running, "/v1/embeddings", {"model": running.model, "input": "fine"})
-        assert after.status_code == 503 and time.perf_counter() - started < 2
+        assert after.status_code == 503 and time.perf_counter() - started < 30
     finally:
         running.stop()
 
@@ -364,7 +368,7 @@ def test_sigterm_drains_every_accepted_request_then_exits_0(minilm_onnx, onnx_en
     clients = [threading.Thread(target=client, args=(seed,), daemon=True) for seed in range(8)]
     for thread in clients:
         thread.start()
-    time.sleep(2.0)
+    wait_for(lambda: len(answered) >= 8)  # every client under way, however slow the machine
     running.process.send_signal(signal.SIGTERM)
     started = time.perf_counter()
     code = running.process.wait(timeout=40)
@@ -393,10 +397,19 @@ def test_a_second_signal_exits_at_once(minilm_onnx):
 
     sender = threading.Thread(target=long_request, daemon=True)
     sender.start()
-    time.sleep(1.0)
+    wait_for(lambda: running.metric("hiddenpool_forward_texts_total") > 0)  # it is running
     running.process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    wait_for(lambda: not _healthy(running))  # draining (503), or no longer listening
     running.process.send_signal(signal.SIGINT)
     started = time.perf_counter()
-    code = running.process.wait(timeout=20)
-    assert code == 1 and time.perf_counter() - started < 5
+    code = running.process.wait(timeout=30)
+    # 1, not the 0 of a finished drain; and well before the 2,000 texts could be done.
+    assert code == 1 and time.perf_counter() - started < 15
+    assert sender.is_alive() or running.process.returncode == 1
+
+
+def _healthy(server: Server) -> bool:
+    try:
+        return httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    except httpx.TransportError:
+        return False

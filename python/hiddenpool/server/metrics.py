@@ -120,6 +120,10 @@ class Metrics:
             ("route", "status"),
         )
         self.queue_texts = Gauge("hiddenpool_queue_texts", "texts waiting for a forward pass")
+        self.requests_in_flight = Gauge(
+            "hiddenpool_requests_in_flight",
+            "embedding requests accepted and not yet answered (--max-concurrent-requests caps it)",
+        )
         self.batch_texts = Histogram(
             "hiddenpool_batch_texts", "texts per forward pass", (1, 2, 4, 8, 16, 32, 64, 128, 256)
         )
@@ -158,6 +162,7 @@ class Metrics:
         lines: list[str] = []
         for metric in (
             self.requests,
+            self.requests_in_flight,
             self.queue_texts,
             self.batch_texts,
             self.batch_tokens,
