@@ -153,7 +153,7 @@ class StitchedStates:
     def take(self, hidden: Any, windows: Sequence[int], mask: np.ndarray) -> None:
         """Copies the tokens whose chosen window is among ``windows`` (the batch's rows, in
         order) out of the runner's ``hidden`` states of that batch."""
-        from hiddenpool.ops import _states_from
+        from hiddenpool.ops.common import _states_from
 
         layers = _states_from(hidden)
         rows, positions, targets = [], [], []
