@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -120,3 +121,109 @@ def test_import_hiddenpool_loads_no_framework() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert output.strip() == "[]"
+
+
+# Sizes a reader can hold in mind (the house issue): a module of at most 600 lines, a
+# function of at most 100 (docstring included), in the package; tests and benches aside.
+MODULE_LINES = 600
+FUNCTION_LINES = 100
+
+
+def _sizes() -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    modules, functions = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        name = str(path.relative_to(PACKAGE))
+        modules.append((name, len(source.splitlines())))
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                functions.append((f"{name}:{node.name}", node.end_lineno - first + 1))  # type: ignore[operator]
+    return modules, functions
+
+
+def test_no_module_or_function_is_too_long() -> None:
+    modules, functions = _sizes()
+    assert len(modules) > 40 and len(functions) > 300  # the walk found the package
+    assert [(name, n) for name, n in modules if n > MODULE_LINES] == []
+    assert [(name, n) for name, n in functions if n > FUNCTION_LINES] == []
+
+
+RUST = PACKAGE.parents[1] / "rust" / "src"
+
+
+def _rust_modules() -> dict[str, set[str]]:
+    """Each Rust module of the crate (``kernels::pool``, ``kernels::pool::job``) and the
+    modules of the crate it names in its code: ``use``/paths through ``super::`` and
+    ``crate::``, resolved to the module (an item's path ends at its module). Tests aside."""
+    files = {}
+    for path in sorted(RUST.rglob("*.rs")):
+        parts = list(path.relative_to(RUST).with_suffix("").parts)
+        if parts[-1] in ("mod", "lib"):
+            parts = parts[:-1]
+        if parts and parts[-1] == "tests":
+            continue
+        files["::".join(parts)] = path.read_text(encoding="utf-8")
+    graph: dict[str, set[str]] = {}
+    for module, source in files.items():
+        source = source.split("#[cfg(test)]\nmod tests {", 1)[0]
+        here = module.split("::") if module else []
+        named: set[str] = set()
+        for match in re.finditer(r"\b((?:super::)+|crate::)((?:\w+::)*\w+)", source):
+            prefix, rest = match.group(1), match.group(2).split("::")
+            if prefix == "crate::":
+                base: list[str] = []
+            else:
+                base = here[: len(here) - prefix.count("super::")]
+            path = base + rest
+            # The longest prefix that is a module of the crate.
+            while path and "::".join(path) not in files:
+                path = path[:-1]
+            target = "::".join(path)
+            if path and target != module and not module.startswith(target + "::"):
+                named.add(target)
+        graph[module] = named
+    return graph
+
+
+def _rust_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected groups of two or more modules (a module using its own parent's
+    items, as every submodule does through ``super::``, is not counted: parents hold their
+    children)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for other in sorted(graph.get(module, ())):
+            if other not in index:
+                visit(other)
+                low[module] = min(low[module], low[other])
+            elif other in stack:
+                low[module] = min(low[module], index[other])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return groups
+
+
+def test_no_cycle_among_the_rust_modules() -> None:
+    graph = _rust_modules()
+    assert {"kernels::element", "kernels::pool", "kernels::accumulator"} <= set(graph)
+    assert "kernels::accumulator" in graph["kernels::element"]  # the walk reads the uses
+    assert _rust_cycles(graph) == []
+    # The finder finds a circle when there is one.
+    assert _rust_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c"]]

@@ -112,6 +112,21 @@ def normalize_rows(rows: np.ndarray) -> np.ndarray:
     return scaled
 
 
+def truncate_dimensions(rows: np.ndarray, dimensions: int, renormalize: bool) -> np.ndarray:
+    """The first ``dimensions`` values of each ``[N, D]`` row, scaled back to unit length
+    when ``renormalize`` (rows that were normalized before the cut); ValueError when
+    ``dimensions`` exceeds ``D``.
+
+    >>> truncate_dimensions(np.array([[0.6, 0.0, 0.8]], np.float32), 2, True)
+    array([[1., 0.]], dtype=float32)
+    """
+    width = rows.shape[1]
+    if dimensions > width:
+        raise ValueError(f"dimensions: {dimensions} is more than the embedding's {width} values")
+    cut = np.ascontiguousarray(rows[:, :dimensions], dtype=np.float32)
+    return normalize_rows(cut) if renormalize else cut
+
+
 # The type names modules.json gives hiddenpool's own HiddenPooling (the first before the
 # package had its integrations/ folder).
 HIDDEN_POOLING_TYPES = (

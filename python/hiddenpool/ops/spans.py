@@ -23,7 +23,7 @@ from hiddenpool.ops.common import (
     _states_from,
     _to_tensor,
 )
-from hiddenpool.strategy import strategy_list
+from hiddenpool.strategy import Strategy, strategy_list
 
 
 def pool_spans(
@@ -59,20 +59,7 @@ def pool_spans(
     array([[1., 2.],
            [7., 8.]], dtype=float32)
     """
-    if empty not in ("zero", "raise"):
-        raise ValueError(f"empty: expected 'zero' or 'raise', got {empty!r}")
-    several, keys, strategies = strategy_list(strategy)
-    for key, parsed in zip(keys, strategies, strict=True):
-        if "eos" in parsed.pools:
-            raise ValueError(
-                f"strategy {key}: the eos pool finds one token per row; within spans use "
-                "first or last"
-            )
-    if attention_mask is not None and offsets is not None:
-        raise ValueError(
-            "offsets: give attention_mask (padded [B, T, H] input) or offsets (packed [N, H] "
-            "input), not both"
-        )
+    several, keys, strategies = _checked_arguments(strategy, empty, attention_mask, offsets)
     states = _states_from(hidden_states)
     plan = _Plan(strategies, len(states), layer_weights, layer_scale)
     packed = offsets is not None
@@ -100,21 +87,7 @@ def pool_spans(
         row_lengths = np.full(rows, tokens)
     _check_span_bounds(host_spans, row_lengths)
     if empty == "raise":
-        row, start, end = host_spans.T
-        if mask is None:
-            counts = end - start  # packed rows: every position is real
-        else:
-            # Read on the host only here: a device mask costs a copy and a synchronisation.
-            real = np.asarray(mask.cpu() if chosen.use_torch else mask) != 0
-            before = np.zeros((real.shape[0], real.shape[1] + 1), dtype=np.int64)
-            np.cumsum(real, axis=1, out=before[:, 1:])
-            counts = before[row, end] - before[row, start]
-        empty_spans = [int(span) for span in np.flatnonzero(counts == 0)]
-        if empty_spans:
-            raise ValueError(
-                f"spans: {len(empty_spans)} span(s) hold no real token: "
-                f"{_rows_text(empty_spans)} (pass empty='zero' to pool them to zeros)"
-            )
+        _refuse_empty_spans(host_spans, mask, chosen.use_torch)
 
     def compute(layers: list[Any], pools: list[str], combine: str, weights: Any) -> Any:
         if chosen.use_torch:
@@ -172,4 +145,47 @@ def _check_span_bounds(spans: np.ndarray, row_lengths: np.ndarray) -> None:
         raise ValueError(
             f"spans[{at}] = ({row[at]}, {start[at]}, {end[at]}): needs 0 <= start <= end <= "
             f"{limit[at]} (the row's token positions)"
+        )
+
+
+def _checked_arguments(
+    strategy: StrategyLike | Sequence[StrategyLike],
+    empty: str,
+    attention_mask: Any,
+    offsets: Any,
+) -> tuple[bool, list[str], list[Strategy]]:
+    """``pool_spans``' strategies parsed (no ``eos``), ``empty`` and the layout checked."""
+    if empty not in ("zero", "raise"):
+        raise ValueError(f"empty: expected 'zero' or 'raise', got {empty!r}")
+    several, keys, strategies = strategy_list(strategy)
+    for key, parsed in zip(keys, strategies, strict=True):
+        if "eos" in parsed.pools:
+            raise ValueError(
+                f"strategy {key}: the eos pool finds one token per row; within spans use "
+                "first or last"
+            )
+    if attention_mask is not None and offsets is not None:
+        raise ValueError(
+            "offsets: give attention_mask (padded [B, T, H] input) or offsets (packed [N, H] "
+            "input), not both"
+        )
+    return several, keys, strategies
+
+
+def _refuse_empty_spans(spans: np.ndarray, mask: Any, use_torch: bool) -> None:
+    """``empty="raise"``: a ValueError naming the spans that hold no real token."""
+    row, start, end = spans.T
+    if mask is None:
+        counts = end - start  # packed rows: every position is real
+    else:
+        # Read on the host only here: a device mask costs a copy and a synchronisation.
+        real = np.asarray(mask.cpu() if use_torch else mask) != 0
+        before = np.zeros((real.shape[0], real.shape[1] + 1), dtype=np.int64)
+        np.cumsum(real, axis=1, out=before[:, 1:])
+        counts = before[row, end] - before[row, start]
+    empty_spans = [int(span) for span in np.flatnonzero(counts == 0)]
+    if empty_spans:
+        raise ValueError(
+            f"spans: {len(empty_spans)} span(s) hold no real token: "
+            f"{_rows_text(empty_spans)} (pass empty='zero' to pool them to zeros)"
         )

@@ -15,8 +15,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from hiddenpool._version import __version__
-from hiddenpool.encoder import truncate_dimensions
-from hiddenpool.pipelines import normalize_rows
+from hiddenpool.pipelines import normalize_rows, truncate_dimensions
 from hiddenpool.server import openapi
 from hiddenpool.server.batcher import PoolJob
 from hiddenpool.server.requests import (

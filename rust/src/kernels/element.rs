@@ -1,54 +1,10 @@
-//! Element types of hidden states and the float types they accumulate in.
+//! Element types of hidden states (f32, f64, f16, bf16), how they widen to the float type
+//! they accumulate in (`accumulator`), and the SIMD paths that widen the half types.
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-use std::ops::{Add, AddAssign, Div, Mul};
 
-use super::pool::running_max;
-
-/// The float type sums are carried in: `f32` for 16- and 32-bit input, `f64` for `f64`.
-pub trait Accumulator:
-    Copy
-    + Send
-    + Sync
-    + PartialOrd
-    + Add<Output = Self>
-    + AddAssign
-    + Mul<Output = Self>
-    + Div<Output = Self>
-    + std::fmt::Debug
-    + 'static
-{
-    const ZERO: Self;
-    const NEG_INFINITY: Self;
-    const NAN: Self;
-    fn from_f64(value: f64) -> Self;
-    fn is_nan(self) -> bool;
-}
-
-impl Accumulator for f32 {
-    const ZERO: Self = 0.0;
-    const NEG_INFINITY: Self = f32::NEG_INFINITY;
-    const NAN: Self = f32::NAN;
-    fn from_f64(value: f64) -> Self {
-        value as f32
-    }
-    fn is_nan(self) -> bool {
-        f32::is_nan(self)
-    }
-}
-
-impl Accumulator for f64 {
-    const ZERO: Self = 0.0;
-    const NEG_INFINITY: Self = f64::NEG_INFINITY;
-    const NAN: Self = f64::NAN;
-    fn from_f64(value: f64) -> Self {
-        value
-    }
-    fn is_nan(self) -> bool {
-        f64::is_nan(self)
-    }
-}
+use super::accumulator::{running_max, Accumulator};
 
 /// An element type of hidden states.
 pub trait Element: Copy + Send + Sync + 'static {
