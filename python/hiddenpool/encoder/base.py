@@ -231,12 +231,16 @@ class EncoderBase:
         else:
             pooled = {}
             for key in keys:
+                # One strategy a call: the layer weights go to the ':weighted' ones only
+                # (pool refuses weights that no strategy of its call uses).
                 started = time.perf_counter()
-                pooled[key] = pool(hidden, mask, key, **options)
+                pooled[key] = pool(hidden, mask, key, **_options_for(key, options))
                 timings[key] = timings.get(key, 0.0) + time.perf_counter() - started
         if prompt_tokens:
             pooled = {
-                key: keep_prompt_weights(value, hidden, mask, batch.mask, key, **options)
+                key: keep_prompt_weights(
+                    value, hidden, mask, batch.mask, key, **_options_for(key, options)
+                )
                 for key, value in pooled.items()
             }
         return {key: self.runner.finish(value) for key, value in pooled.items()}
@@ -294,3 +298,11 @@ def _show_progress(progress: Progress, batches: int) -> bool:
             raise ValueError("progress: True needs tqdm (pip install tqdm)") from None
         return False
     return progress if progress is not None else (sys.stderr.isatty() and batches > 1)
+
+
+def _options_for(key: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``pool``'s options for one strategy pooled alone: the layer weights go to a
+    ``:weighted`` one only (``pool`` refuses weights that no strategy of its call uses)."""
+    if Strategy.parse(key).combine == "weighted":
+        return options
+    return {**options, "layer_weights": None, "layer_scale": 1.0}
