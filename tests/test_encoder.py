@@ -208,3 +208,20 @@ def test_truncation_is_counted_for_tokenizers_without_encodings():
     with pytest.warns(UserWarning, match="2 of 3 texts were longer than max_length=6"):
         result = encoder.encode(texts)
     np.testing.assert_allclose(result, Encoder(model, fast, max_length=6).encode(texts), atol=1e-6)
+
+
+def test_the_last_state_named_by_its_index_runs_on_torch():
+    """``mean@4`` on four layers is ``mean@last``: the torch runner, which skips the other
+    states when only the last is needed, failed to resolve it ("out of range for 1 hidden
+    state"); now equal to the states pooled by hand."""
+    model, tokenizer = tiny_models.bert(layers=4)
+    encoder = Encoder(model, tokenizer)
+    texts = ["the cat sat", "a dog ran on the mat"]
+    rows = encoder.encode(texts, ["mean@4", "cls@4", "mean@last"])
+    np.testing.assert_array_equal(rows["mean@4"], rows["mean@last"])
+    inputs = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        states = model(**inputs, output_hidden_states=True).hidden_states
+    mask = inputs["attention_mask"].numpy()
+    expected = reference.pool([states[4].numpy()], mask, ["mean"])
+    np.testing.assert_allclose(rows["mean@4"], expected, atol=1e-5)

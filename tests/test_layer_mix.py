@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
+import pytest
 
 import tiny_models
 from cli_runner import run_cli
 from hiddenpool import Encoder
-from hiddenpool.evaluation import evaluate
+from hiddenpool.evaluation import evaluate, fit_layer_mix, layer_mix
+from test_cli_errors import assert_one_line_error
+
+
+@pytest.fixture(scope="module")
+def garbage_bert(tmp_path_factory) -> str:
+    """A 4-layer BERT config with weights that cannot load: an error about anything else
+    proves it came before the model loaded."""
+    folder = tmp_path_factory.mktemp("garbage-bert")
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "num_hidden_layers": 4}))
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    return str(folder)
 
 
 def test_compare_ranks_a_weighted_mix_beside_fixed_strategies(tiny_bert_folder, tmp_path):
@@ -40,3 +53,159 @@ def test_compare_ranks_a_weighted_mix_beside_fixed_strategies(tiny_bert_folder, 
     np.testing.assert_allclose(got["mean@all:weighted"], mixed.results[0].spearman, atol=1e-12)
     plain = evaluate.compare(encoder, pairs, ["mean@last"], resamples=0)
     np.testing.assert_allclose(got["mean@last"], plain.results[0].spearman, atol=1e-12)
+
+
+def _texts(count: int, seed: int) -> list[str]:
+    generator = np.random.default_rng(seed)
+    words = [w for w in tiny_models.WORDS if w.isalpha()]
+    return [
+        " ".join(generator.choice(words, size=int(generator.integers(2, 9)))) for _ in range(count)
+    ]
+
+
+def _planted_pairs(encoder: Encoder, planted: np.ndarray, count: int, seed: int) -> Any:
+    """Pairs of random texts scored by the cosine of a known mix of mean-pooled layers."""
+    first, second = _texts(count, seed), _texts(count, seed + 1)
+    states = encoder.runner.state_count()
+    keys = [f"mean@{i}" for i in range(1, states)]
+    rows = encoder.encode(first + second, keys)
+    mixed = sum(share * rows[key] for share, key in zip(planted, keys, strict=True))
+    scores = evaluate.cosine_similarities(mixed[:count], mixed[count:])
+    return evaluate.Pairs(first, second, scores.astype(np.float64), source="planted")
+
+
+def test_a_fit_recovers_planted_layer_weights():
+    model, tokenizer = tiny_models.bert()
+    encoder = Encoder(model, tokenizer)
+    planted = layer_mix.softmax(np.array([0.5, -1.0, 0.2, 1.5]))
+    train = _planted_pairs(encoder, planted, 240, seed=1)
+    dev = _planted_pairs(encoder, planted, 60, seed=7)
+    fit = fit_layer_mix(
+        encoder, train, "mean", "all", dev=dev, steps=3000, learning_rate=0.05, patience=3000
+    )
+    assert fit.layers == [1, 2, 3, 4] and fit.strategy == "mean@all:weighted"
+    np.testing.assert_allclose(fit.mix, planted, atol=0.02)
+    assert fit.dev_spearman > 0.999 and fit.dev_curve[fit.best_step] == max(fit.dev_curve)
+    # The fit's rows are the strategy's rows pooled by the kernel with those weights.
+    texts = train.first[:5]
+    reference = sum(
+        share * encoder.encode(texts, f"mean@{layer}")
+        for share, layer in zip(fit.mix, fit.layers, strict=True)
+    )
+    np.testing.assert_allclose(
+        encoder.encode(texts, fit.strategy, layer_weights=fit.weights), reference, atol=1e-5
+    )
+
+
+def test_a_fit_repeats_bit_for_bit_and_stops_early():
+    model, tokenizer = tiny_models.bert()
+    encoder = Encoder(model, tokenizer)
+    pairs = _planted_pairs(encoder, layer_mix.softmax(np.array([1.0, 0.0, 0.0, -1.0])), 80, 3)
+    noisy = evaluate.Pairs(
+        pairs.first, pairs.second, pairs.scores + np.random.default_rng(0).normal(0, 0.3, 80)
+    )
+    one, two = (fit_layer_mix(encoder, noisy, steps=400, patience=20) for _ in range(2))
+    assert one.weights == two.weights and one.dev_curve == two.dev_curve
+    assert (one.train_pairs, one.dev_pairs) == (70, 10)  # a tenth held out, at least 10
+    assert len(one.dev_curve) - 1 <= one.best_step + 20  # stopped 20 steps after its best
+
+
+def test_bad_fits_are_refused_before_any_forward_pass(garbage_bert, tmp_path):
+    model, tokenizer = tiny_models.bert()
+    encoder = Encoder(model, tokenizer)
+    pairs = evaluate.read_pairs(evaluate.default_data_path())  # 52 pairs
+    with pytest.raises(ValueError, match=r"^pool: 'max' is not linear in the layers"):
+        fit_layer_mix(encoder, pairs, "max")
+    with pytest.raises(ValueError, match=r"^pairs: 30 train pairs; a fit needs at least 50"):
+        fit_layer_mix(
+            encoder, evaluate.Pairs(pairs.first[:30], pairs.second[:30], pairs.scores[:30])
+        )
+    one_layer = Encoder(*tiny_models.bert(layers=1))
+    with pytest.raises(ValueError, match=r"^layers: 'all' chooses 1 hidden state; a mix needs"):
+        fit_layer_mix(one_layer, pairs)
+    small = tmp_path / "small.tsv"
+    small.write_text("sentence1\tsentence2\tscore\n" + "a cat\ta dog\t1\n" * 20)
+    other = tmp_path / "other.tsv"  # no pair in common with the train file
+    other.write_text("sentence1\tsentence2\tscore\nthe sun\tthe moon\t2\nred\tblue\t1\n")
+    for arguments, message in (
+        (["--fit", str(small)], "--fit " + str(small) + ": 20 pairs; a fit needs at least 50"),
+        (["--fit", evaluate.default_data_path(), "--strategies", "max@all:weighted"],
+         "max is not linear in the layers"),
+        (["--fit", evaluate.default_data_path(), "--strategies", "mean@-1:weighted"],
+         "chooses 1 hidden state"),
+        (["--fit", evaluate.default_data_path(), "--task", "retrieval"], "--task retrieval"),
+        (["--save-fit", str(tmp_path / "x")], "--save-fit: applies to --fit"),
+        (["--fit", evaluate.default_data_path(), "--layer-weights", "1", "2"],
+         "--layer-weights: --fit learns the weights"),
+    ):  # fmt: skip
+        result = run_cli("compare", "--model", garbage_bert, "--data", str(other), *arguments)
+        assert_one_line_error(result, message)
+
+
+def _write_pairs(path: Any, pairs: Any) -> str:
+    lines = ["sentence1\tsentence2\tscore"]
+    lines += [
+        f"{a}\t{b}\t{float(s)!r}"
+        for a, b, s in zip(pairs.first, pairs.second, pairs.scores, strict=True)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_compare_fit_ranks_the_mix_and_saves_a_folder_every_tool_runs(tiny_bert_folder, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from test_server import Server
+
+    model, tokenizer = tiny_models.bert()
+    encoder = Encoder(model, tokenizer)
+    planted = layer_mix.softmax(np.array([0.5, -1.0, 0.2, 1.5]))
+    train = _write_pairs(tmp_path / "train.tsv", _planted_pairs(encoder, planted, 120, seed=11))
+    data = _write_pairs(tmp_path / "test.tsv", _planted_pairs(encoder, planted, 60, seed=21))
+    saved, ranking = tmp_path / "fitted", tmp_path / "ranking.json"
+    result = run_cli(
+        "compare", "--model", tiny_bert_folder, "--fit", train, "--data", data,
+        "--strategies", "mean@last", "mean@1..4:weighted", "--save-fit", str(saved),
+        "--json", str(ranking),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "mean@1..4:weighted (fit) against the best fixed strategy, mean@last:" in result.stdout
+    document = json.loads(ranking.read_text())
+    (fit,) = document["fits"]
+    row = next(r for r in document["results"] if r["strategy"] == "mean@1..4:weighted (fit)")
+    assert row["fitted"] and row["reference"] == "mean@last"
+    assert row["gain_low"] <= row["gain"] <= row["gain_high"]
+    # The fitted row is the strategy with the fitted weights, scored as every other row.
+    pairs = evaluate.read_pairs(data)
+    alone = evaluate.compare(
+        encoder, pairs, ["mean@1..4:weighted"], layer_weights=fit["weights"], resamples=0
+    )
+    np.testing.assert_allclose(row["spearman"], alone.results[0].spearman, atol=1e-12)
+    texts = pairs.first[:6]
+    expected = encoder.encode(texts, "mean@1..4:weighted", layer_weights=fit["weights"])
+    # The saved folder, through every tool: Encoder, encode, serve, SentenceTransformer,
+    # and its ONNX export.
+    np.testing.assert_allclose(
+        Encoder.from_pretrained(str(saved)).encode(texts), expected, atol=1e-5
+    )
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(texts) + "\n")
+    encoded = run_cli("encode", "--model", str(saved), "--input", str(source), "--output",
+                      str(tmp_path / "rows.npy"))  # fmt: skip
+    assert encoded.returncode == 0, encoded.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "rows.npy"), expected, atol=1e-5)
+    st_model = SentenceTransformer(str(saved), device="cpu", trust_remote_code=True)
+    np.testing.assert_allclose(st_model.encode(texts), expected, atol=1e-5)
+    exported = run_cli("export", str(saved), "--output", str(tmp_path / "onnx"))
+    assert exported.returncode == 0, exported.stderr
+    np.testing.assert_allclose(
+        Encoder.from_pretrained(str(tmp_path / "onnx")).encode(texts), expected, atol=1e-5
+    )
+    server = Server("--model", str(saved))
+    try:
+        import httpx
+
+        answer = httpx.post(f"{server.url}/embed", json={"inputs": texts}, timeout=60).json()
+        np.testing.assert_allclose(answer["embeddings"], expected, atol=1e-5)
+    finally:
+        assert server.stop() == 0

@@ -8,10 +8,10 @@ import argparse
 import dataclasses
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from hiddenpool.cli import checks
+from hiddenpool.cli import checks, compare_fit
 from hiddenpool.cli.checks import Accumulate, ModelOptions, UsageError
 
 
@@ -25,6 +25,9 @@ class CompareOptions(ModelOptions):
     skip_bad: bool = False
     bootstrap: int = 1000
     seed: int = 0
+    fit: str | None = None
+    fit_dev: str | None = None
+    save_fit: str | None = None
 
 
 def add_arguments(compare: argparse.ArgumentParser) -> None:
@@ -64,6 +67,23 @@ def add_arguments(compare: argparse.ArgumentParser) -> None:
         help="bootstrap resamples for the 95%% intervals and paired tests (0: none)",
     )
     compare.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
+    compare.add_argument(
+        "--fit",
+        metavar="TRAIN",
+        help="learn ScalarMix layer weights for each ':weighted' strategy (default "
+        "mean@all:weighted) on these train pairs (as --data reads them), one forward pass, "
+        "early stopping on a held-out tenth; the fitted rows join the ranking",
+    )
+    compare.add_argument(
+        "--fit-dev", metavar="DEV", help="with --fit: the pairs to stop early on instead"
+    )
+    compare.add_argument(
+        "--save-fit",
+        metavar="FOLDER",
+        help="with --fit: write the best fitted mix as a pipeline folder (the model with a "
+        "HiddenPooling holding the weights) that Encoder, encode, serve, export and "
+        "SentenceTransformer(trust_remote_code=True) load",
+    )
 
 
 def run(arguments: argparse.Namespace) -> int:
@@ -74,20 +94,25 @@ def compare(options: CompareOptions) -> int:
     from hiddenpool.evaluation import evaluate, report
 
     _check(options)
-    if options.task == "retrieval":
+    if options.task == "retrieval" and not options.fit:
         return compare_retrieval(options)
     paths = options.data or [evaluate.default_data_path()]
     datasets = [(path, _read_pairs(path, options.skip_bad)) for path in paths]
-    model = checks.preflight(options, options.strategies or ())
+    plan = compare_fit.plan(options, datasets) if options.fit else None
+    given = plan.fixed if plan is not None else options.strategies
+    model = checks.preflight(options, given or ())
+    if plan is not None:
+        compare_fit.check_layers(plan, model)
     encoder, model_name = checks.load_encoder(options, model)
     if options.sweep:
         strategies = evaluate.sweep_strategies(encoder.runner.state_count(), encoder.family)
     else:
-        strategies = list(options.strategies or ["model", *evaluate.DEFAULT_STRATEGIES])
-        if not options.strategies and encoder.family == "clip":
+        strategies = list(given or ["model", *evaluate.DEFAULT_STRATEGIES])
+        if not given and encoder.family == "clip":
             strategies.append("eos@last")
     checks.check_against_model(encoder, options, strategies)
     _print_header(encoder, options.model, strategies)
+    fits = compare_fit.run_fits(options, plan, encoder) if plan is not None else []
     comparisons = []
     for path, pairs in datasets:
         if len(datasets) > 1:
@@ -97,9 +122,14 @@ def compare(options: CompareOptions) -> int:
             + (f", {pairs.skipped} bad rows skipped" if pairs.skipped else ""),
             flush=True,
         )
-        comparison = _run_comparison(options, encoder, model_name, pairs, strategies)
+        comparison = _run_comparison(
+            options, encoder, model_name, pairs, strategies, compare_fit.mixes(fits)
+        )
         comparisons.append(comparison)
-        count = f"all {len(strategies)} strategies" if len(strategies) > 1 else "the 1 strategy"
+        rows = len(comparison.results)
+        count = f"all {rows} strategies" if rows > 1 else "the 1 strategy"
+        if len(fits) > 1:
+            count += f" (the fitted mixes after the first in a pass each: {len(fits) - 1})"
         print(
             f"{comparison.sentences} distinct sentences encoded once for {count} in "
             f"{comparison.encode_seconds:.2f} s; seconds = each strategy's pooling and "
@@ -115,7 +145,9 @@ def compare(options: CompareOptions) -> int:
     if average is not None:
         print(f"\nranked by the mean Spearman over the {len(comparisons)} data files:\n")
         print(report.average_table(average, [path for path, _ in datasets]))
-    _write_outputs(options, encoder, model_name, comparisons, average)
+    _write_outputs(options, encoder, model_name, comparisons, average, fits)
+    if options.save_fit:
+        compare_fit.save(options, encoder, model, fits, comparisons)
     return 0
 
 
@@ -127,7 +159,11 @@ def _check(options: CompareOptions) -> None:
         checks.check_strategies(options.strategies)
     if options.sweep and options.strategies:
         raise UsageError("--sweep: chooses the strategies itself; leave out --strategies")
-    checks.check_layer_weights(options)
+    for flag, value in (("--fit-dev", options.fit_dev), ("--save-fit", options.save_fit)):
+        if value is not None and not options.fit:
+            raise UsageError(f"{flag}: applies to --fit")
+    if not options.fit:  # --fit learns the weights its ':weighted' strategies need
+        checks.check_layer_weights(options)
     if options.json:
         checks.check_output("--json", options.json, (".json",))
     if options.plot:
@@ -150,6 +186,7 @@ def _write_outputs(
     model_name: str,
     comparisons: list[Any],
     average: list[dict[str, Any]] | None,
+    fits: Sequence[Any] = (),
 ) -> None:
     from hiddenpool.evaluation import report
 
@@ -167,6 +204,8 @@ def _write_outputs(
         document["runtime"] = encoder.runtime
         document["precision"] = encoder.precision
         document["quantization"] = encoder.quantization
+        if fits:
+            document["fits"] = [fit.as_json() for fit in fits]
         checks.write_json(options.json, document)
     if options.plot:
         if options.sweep:
@@ -221,7 +260,12 @@ def compare_retrieval(options: CompareOptions) -> int:
 
 
 def _run_comparison(
-    options: CompareOptions, encoder: Any, model_name: str, pairs: Any, strategies: list[str]
+    options: CompareOptions,
+    encoder: Any,
+    model_name: str,
+    pairs: Any,
+    strategies: list[str],
+    mixes: Sequence[Any] = (),
 ) -> Any:
     from hiddenpool.evaluation import evaluate
 
@@ -240,6 +284,7 @@ def _run_comparison(
             model_name=model_name,
             resamples=options.bootstrap,
             seed=options.seed,
+            mixes=mixes,
         )
     for note in comparison.notes:
         print(f"hiddenpool: warning: {pairs.source}: {note}", file=sys.stderr)

@@ -139,6 +139,13 @@ class EncoderBase:
         ValueError: strategy eos@last: the eos pool needs an end-of-sequence token and ...
         """
         _, given = _given_strategies(strategy)
+        mix = self.model_mix() if any(_is_model(item) for item in given) else None
+        if mix is not None:
+            # "model" pools with its pipeline's own learned weights, the others with theirs.
+            self.check(self.model_strategy(), layer_weights=mix[0])
+            given = [item for item in given if not _is_model(item)]
+            if not given:
+                return
         if any(_is_model(item) for item in given):
             given = [self.model_strategy() if _is_model(item) else item for item in given]
         _, keys, parsed = strategy_list(given)

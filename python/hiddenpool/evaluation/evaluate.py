@@ -192,6 +192,25 @@ class StrategyResult:
     ci_high: float = float("nan")
     p_vs_best: float = float("nan")  # paired bootstrap p-value against the best strategy
     tied_with_best: bool = False  # p_vs_best >= 0.05 (the best itself included)
+    # A fitted mix's row: its Spearman less the best fixed strategy's (``reference``), with
+    # the 95% interval of that difference on the same bootstrap resamples.
+    fitted: bool = False
+    reference: str = ""
+    gain: float = float("nan")
+    gain_low: float = float("nan")
+    gain_high: float = float("nan")
+
+
+@dataclass(frozen=True)
+class Mix:
+    """A row of its own in ``compare``: ``strategy`` (``...:weighted``) pooled with these
+    ``weights`` and ``scale`` (a mix fitted by ``layer_mix.fit_layer_mix``), shown as
+    ``name``."""
+
+    name: str
+    strategy: str
+    weights: tuple[float, ...]
+    scale: float = 1.0
 
 
 # A strategy is called tied with the best when the paired test cannot tell them apart at
@@ -240,6 +259,17 @@ class Comparison:
                     "p_vs_best": _finite(result.p_vs_best),
                     "tied_with_best": result.tied_with_best,
                     "seconds": result.seconds,
+                    **(
+                        {
+                            "fitted": True,
+                            "reference": result.reference,
+                            "gain": _finite(result.gain),
+                            "gain_low": _finite(result.gain_low),
+                            "gain_high": _finite(result.gain_high),
+                        }
+                        if result.fitted
+                        else {}
+                    ),
                 }
                 for result in self.results
             ],
@@ -280,6 +310,24 @@ def add_intervals(
             samples[best.strategy], samples[result.strategy]
         )
         result.tied_with_best = bool(result.p_vs_best >= TIE_LEVEL)
+    for result in results:
+        if result.fitted and result.reference:
+            # The gain over the best fixed strategy, on the very same resamples.
+            difference = samples[result.strategy] - samples[result.reference]
+            gained = bootstrap.percentile_interval(difference)
+            result.gain_low, result.gain_high = gained.low, gained.high
+
+
+def _set_gains(results: Sequence[StrategyResult]) -> None:
+    """Each fitted row's Spearman less the best fixed strategy's (its ``reference``)."""
+    fixed = [result for result in results if not result.fitted]
+    if not fixed:
+        return
+    reference = max(fixed, key=lambda result: np.nan_to_num(result.spearman, nan=-2.0))
+    for result in results:
+        if result.fitted:
+            result.reference = reference.strategy
+            result.gain = result.spearman - reference.spearman
 
 
 def data_notes(scores: np.ndarray) -> list[str]:
@@ -306,6 +354,7 @@ def compare(
     progress: bool | None = None,
     resamples: int = 1000,
     seed: int | None = 0,
+    mixes: Sequence[Mix] = (),
 ) -> Comparison:
     """Scores each strategy on ``pairs``: every distinct sentence is encoded once, in one
     forward pass per batch for all strategies; ``seconds`` is each strategy's own pooling
@@ -313,7 +362,10 @@ def compare(
     ``max_batch_tokens``, ``missing_eos``, ``layer_weights`` and ``layer_scale`` are
     ``Encoder.encode``'s. ``resamples`` bootstrap resamples of the pairs (``seed`` makes
     them reproducible; 0 skips) give each result a 95% interval and a paired p-value
-    against the best strategy."""
+    against the best strategy. ``mixes`` are rows of their own, each ``:weighted``
+    strategy pooled with its own weights (the first in the shared pass where no other
+    strategy takes ``layer_weights``, the others in a pass each); each gets the difference
+    from the best fixed strategy with its interval, on the same resamples."""
     if not pairs.scores.size:
         raise DataError(f"{pairs.source}: no sentence pairs to score")
     sentences = list(dict.fromkeys(pairs.first + pairs.second))
@@ -322,17 +374,15 @@ def compare(
     second_index = np.array([position[s] for s in pairs.second])
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    embeddings = encoder.encode(
-        sentences,
-        list(strategies),
-        batch_size=batch_size,
-        max_batch_tokens=max_batch_tokens,
-        missing_eos=missing_eos,
-        layer_weights=layer_weights,
-        layer_scale=layer_scale,
-        progress=progress,
-        timings=timings,
-    )
+    options: dict[str, Any] = {
+        "batch_size": batch_size,
+        "max_batch_tokens": max_batch_tokens,
+        "missing_eos": missing_eos,
+        "progress": progress,
+        "layer_weights": layer_weights,
+        "layer_scale": layer_scale,
+    }
+    embeddings = _embeddings(encoder, sentences, strategies, mixes, options, timings)
     encode_seconds = time.perf_counter() - started
     comparison = Comparison(
         model_name,
@@ -347,7 +397,8 @@ def compare(
         notes=data_notes(pairs.scores),
     )
     all_similarities: dict[str, np.ndarray] = {}
-    for strategy in strategies:
+    fitted = {mix.name for mix in mixes}
+    for strategy in [*strategies, *(mix.name for mix in mixes)]:
         scoring_started = time.perf_counter()
         vectors = embeddings[strategy]
         similarities = cosine_similarities(vectors[first_index], vectors[second_index])
@@ -358,13 +409,45 @@ def compare(
             spearman=spearman(similarities, pairs.scores),
             pearson=pearson(similarities, pairs.scores),
             seconds=timings.get(strategy, 0.0) + time.perf_counter() - scoring_started,
+            fitted=strategy in fitted,
         )
         comparison.results.append(result)
     comparison.results.sort(key=lambda result: -np.nan_to_num(result.spearman, nan=-2.0))
+    _set_gains(comparison.results)
     add_intervals(comparison.results, all_similarities, pairs.scores, resamples, seed)
     for note in comparison.notes:
         warnings.warn(f"{pairs.source}: {note}", stacklevel=2)
     return comparison
+
+
+def _embeddings(
+    encoder: Any,
+    sentences: list[str],
+    strategies: Sequence[str],
+    mixes: Sequence[Mix],
+    options: dict[str, Any],
+    timings: dict[str, float],
+) -> dict[str, np.ndarray]:
+    """Every strategy's and every mix's rows: the first mix in the pass of the fixed
+    strategies where none of them takes ``layer_weights``, the others in a pass each."""
+    first = mixes[0] if mixes else None
+    alone = first is None or options["layer_weights"] is not None or first.strategy in strategies
+    riding = None if alone else first
+    shared = dict(options)
+    if riding is not None:
+        shared["layer_weights"], shared["layer_scale"] = list(riding.weights), riding.scale
+    keys = list(strategies) + ([riding.strategy] if riding is not None else [])
+    embeddings: dict[str, np.ndarray] = encoder.encode(sentences, keys, timings=timings, **shared)
+    for mix in mixes:
+        if mix is riding:
+            embeddings[mix.name] = embeddings.pop(mix.strategy)
+            timings[mix.name] = timings.pop(mix.strategy, 0.0)
+            continue
+        started = time.perf_counter()
+        mixed = {**options, "layer_weights": list(mix.weights), "layer_scale": mix.scale}
+        embeddings[mix.name] = encoder.encode(sentences, mix.strategy, **mixed)
+        timings[mix.name] = time.perf_counter() - started
+    return embeddings
 
 
 def sweep_strategies(state_count: int, family: str) -> list[str]:

@@ -94,7 +94,26 @@ def similarity_table(comparison: Any) -> str:
             f"{comparison.seed}); '=' marks strategies the paired test cannot tell from the "
             "best (p >= 0.05)"
         )
+    lines += [gain_line(result) for result in comparison.results if result.fitted]
     return "\n".join(lines)
+
+
+def gain_line(result: Any) -> str:
+    """What a fitted mix gains over the best fixed strategy, and whether the paired
+    interval of that gain (same resamples) leaves out zero."""
+    gain = f"{result.gain * 100:+.2f}" if result.gain == result.gain else "n/a"
+    text = f"{result.strategy} against the best fixed strategy, {result.reference}: {gain} points"
+    if result.gain_low != result.gain_low:
+        return text + " (no interval: --bootstrap 0)"
+    low, high = result.gain_low * 100, result.gain_high * 100
+    verdict = (
+        "larger than its interval: a real gain"
+        if low > 0
+        else "a real loss"
+        if high < 0
+        else "the interval includes 0: not shown to differ"
+    )
+    return text + f", 95% interval {low:+.2f} to {high:+.2f}: {verdict}"
 
 
 def plot_formats() -> tuple[str, ...]:

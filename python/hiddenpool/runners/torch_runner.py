@@ -153,7 +153,13 @@ class TorchRunner:
 
     def run(self, batch: TokenBatch, states: frozenset[int]) -> Any:
         last = self.state_count() - 1
-        return self._forward(batch, all_states=bool(states - {last}))
+        if states - {last}:
+            return self._forward(batch, all_states=True)
+        # Only the last state: without the other states' outputs, but as a list of L + 1
+        # (the others absent), so a strategy naming it by its index (mean@6 of six layers)
+        # resolves as it does with every state; the ModelOutput alone read as one state.
+        output = self._forward(batch, all_states=False)
+        return [None] * last + [output.last_hidden_state]
 
     def _forward(self, batch: TokenBatch, all_states: bool) -> Any:
         import torch

@@ -1,0 +1,187 @@
+"""``hiddenpool compare --fit TRAIN``: learn layer mixes on a train split
+(``evaluation.layer_mix``), rank them beside the fixed strategies, and save the winner as a
+pipeline folder (``--save-fit``). Everything checkable is checked before the model loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from hiddenpool.cli import checks
+from hiddenpool.cli.checks import UsageError
+
+DEFAULT_FIT = "mean@all:weighted"
+
+
+@dataclasses.dataclass
+class FitPlan:
+    """What ``--fit`` will do: the train (and dev) pairs, the fixed strategies and the
+    ``:weighted`` ones to fit, each as (strategy, pool, layers)."""
+
+    train: Any
+    dev: Any | None
+    fixed: list[str]
+    fits: list[tuple[str, str, str]]
+
+
+def plan(options: Any, datasets: Sequence[tuple[str, Any]]) -> FitPlan:
+    """The fit's arguments checked and its files read, before the model loads."""
+    from hiddenpool.evaluation import layer_mix
+    from hiddenpool.strategy import Strategy
+
+    if options.task != "similarity":
+        raise UsageError(
+            "--fit: fits similarity pairs (a correlation of cosines with gold scores); "
+            "--task retrieval cannot be fit yet"
+        )
+    if options.sweep:
+        raise UsageError("--fit: ranks the strategies given with --strategies; leave out --sweep")
+    if options.layer_weights is not None:
+        raise UsageError("--layer-weights: --fit learns the weights; leave it out")
+    given = list(options.strategies or [])
+    fixed = [s for s in given if s.strip() == "model" or Strategy.parse(s).combine != "weighted"]
+    weighted = [s for s in given if s not in fixed] or [DEFAULT_FIT]
+    fits = []
+    for strategy in weighted:
+        parsed = Strategy.parse(strategy)
+        if len(parsed.pools) != 1:
+            raise UsageError(
+                f"strategy {strategy!r}: --fit learns one pool's mix; give one strategy per "
+                "pool (mean@all:weighted cls@all:weighted)"
+            )
+        pool, layers = parsed.pools[0], strategy.split("@", 1)[1].rsplit(":", 1)[0]
+        if pool not in layer_mix.LINEAR_POOLS:
+            raise UsageError(
+                f"strategy {strategy!r}: {pool} is not linear in the layers (the {pool} of a "
+                f"mix is not the mix of each layer's {pool}), so it cannot be fit on pooled "
+                f"rows; fit one of {', '.join(layer_mix.LINEAR_POOLS)}"
+            )
+        fits.append((str(parsed), pool, layers))
+    train = _read(options.fit, "--fit", options.skip_bad)
+    dev = _read(options.fit_dev, "--fit-dev", options.skip_bad) if options.fit_dev else None
+    needed = layer_mix.MIN_TRAIN_PAIRS + (0 if dev else layer_mix.MIN_DEV_PAIRS)
+    if len(train.scores) < needed:
+        raise UsageError(
+            f"--fit {options.fit}: {len(train.scores)} pairs; a fit needs at least {needed} "
+            f"({layer_mix.MIN_TRAIN_PAIRS} to fit"
+            + ("" if dev else f", {layer_mix.MIN_DEV_PAIRS} held out to stop early")
+            + ")"
+        )
+    if dev is not None and len(dev.scores) < layer_mix.MIN_DEV_PAIRS:
+        raise UsageError(
+            f"--fit-dev {options.fit_dev}: {len(dev.scores)} pairs; early stopping needs at "
+            f"least {layer_mix.MIN_DEV_PAIRS}"
+        )
+    for path, pairs in datasets:
+        shared = layer_mix.shared_pairs(train, pairs)
+        if shared:
+            print(
+                f"hiddenpool: warning: --data {path}: {shared} of its {len(pairs.scores)} "
+                f"pairs are in --fit {options.fit} too: the fitted rows are scored on pairs "
+                "they were fit to",
+                file=sys.stderr,
+            )
+    if options.save_fit:
+        _check_new_folder(options.save_fit)
+    return FitPlan(train, dev, fixed, fits)
+
+
+def check_layers(plan: FitPlan, model: str) -> None:
+    """Each fit's layers against the layer count the model's files give (before loading)."""
+    from hiddenpool.evaluation import layer_mix
+
+    count = checks.state_count_from_files(model) if os.path.isdir(model) else None
+    if count is None:
+        return
+    for strategy, pool, layers in plan.fits:
+        try:
+            layer_mix.check_fit(pool, layers, count)
+        except ValueError as error:
+            raise UsageError(f"strategy {strategy!r}: {error}") from None
+
+
+def run_fits(options: Any, plan: FitPlan, encoder: Any) -> list[Any]:
+    """Fits each strategy of the plan and prints its weights; the fits."""
+    from hiddenpool.evaluation import layer_mix
+
+    fits = []
+    for strategy, pool, layers in plan.fits:
+        try:
+            fit = layer_mix.fit_layer_mix(
+                encoder,
+                plan.train,
+                pool,
+                layers,
+                dev=plan.dev,
+                seed=options.seed,
+                batch_size=options.batch_size,
+                max_batch_tokens=options.max_batch_tokens,
+            )
+        except ValueError as error:
+            raise UsageError(f"strategy {strategy!r}: {error}") from None
+        dev = options.fit_dev or f"a held-out tenth of {options.fit}"
+        print(
+            f"fitted {fit.strategy} on {options.fit} ({fit.train_pairs} pairs; stopped on "
+            f"{dev}, {fit.dev_pairs} pairs: best at step {fit.best_step}, Pearson "
+            f"{fit.dev_curve[fit.best_step] * 100:.2f}, Spearman "
+            f"{fit.dev_spearman * 100:.2f}); forward pass {fit.forward_seconds:.1f} s, fit "
+            f"{fit.fit_seconds:.2f} s"
+        )
+        shares = "  ".join(
+            f"{state}: {share:.3f}" for state, share in zip(fit.layers, fit.mix, strict=True)
+        )
+        print(f"  mix by hidden state ({fit.scale:g} x softmax of the weights): {shares}")
+        fits.append(fit)
+    return fits
+
+
+def mixes(fits: Sequence[Any]) -> list[Any]:
+    """The fitted rows ``compare`` ranks beside the fixed strategies."""
+    from hiddenpool.evaluation.evaluate import Mix
+
+    return [
+        Mix(f"{fit.strategy} (fit)", fit.strategy, tuple(fit.weights), fit.scale) for fit in fits
+    ]
+
+
+def save(options: Any, encoder: Any, model: str, fits: Sequence[Any], comparisons: Any) -> None:
+    """``--save-fit``: the fit that scored best on the (first) --data, as a pipeline folder."""
+    from hiddenpool.evaluation import layer_mix
+
+    scored = {r.strategy: r.spearman for r in comparisons[0].results if r.fitted}
+    best = max(fits, key=lambda fit: scored.get(f"{fit.strategy} (fit)", float("-inf")))
+    width = int(encoder.encode([], best.strategy, layer_weights=best.weights).shape[1])
+    folder = layer_mix.save_pipeline(best, model, options.save_fit, width, encoder.max_length)
+    print(f"\nwrote {folder}: {best.strategy} with the fitted weights as the model's pipeline")
+    print(
+        f"use it: hiddenpool encode --model {folder} ... (strategy 'model'), or "
+        f"SentenceTransformer({folder!r}, trust_remote_code=True)"
+    )
+
+
+def _read(path: str, flag: str, skip_bad: bool) -> Any:
+    from hiddenpool.evaluation import evaluate
+    from hiddenpool.io.json_lines import DataError
+
+    try:
+        return evaluate.read_pairs(path, skip_bad=skip_bad)
+    except FileNotFoundError:
+        raise UsageError(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{flag} {path}: is a folder; give a file") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{flag} {path}: not UTF-8 text ({error.reason})") from None
+    except DataError as error:
+        raise UsageError(f"{flag} {error}") from None
+
+
+def _check_new_folder(path: str) -> None:
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise UsageError(f"--save-fit {path}: exists and is not an empty folder; choose a new one")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"--save-fit {path}: the folder {parent} does not exist")
+    checks.check_writable("--save-fit", path, parent)
