@@ -133,7 +133,6 @@ def test_bad_fits_are_refused_before_any_forward_pass(garbage_bert, tmp_path):
          "max is not linear in the layers"),
         (["--fit", evaluate.default_data_path(), "--strategies", "mean@-1:weighted"],
          "chooses 1 hidden state"),
-        (["--fit", evaluate.default_data_path(), "--task", "retrieval"], "--task retrieval"),
         (["--save-fit", str(tmp_path / "x")], "--save-fit: applies to --fit"),
         (["--fit", evaluate.default_data_path(), "--layer-weights", "1", "2"],
          "--layer-weights: --fit learns the weights"),
@@ -209,3 +208,65 @@ def test_compare_fit_ranks_the_mix_and_saves_a_folder_every_tool_runs(tiny_bert_
         np.testing.assert_allclose(answer["embeddings"], expected, atol=1e-5)
     finally:
         assert server.stop() == 0
+
+
+def test_the_contrastive_gradient_is_exact():
+    """The retrieval fit's gradient against central differences of the in-batch loss
+    computed directly from mixed, normalized vectors."""
+    from hiddenpool.evaluation import mix_retrieval
+
+    generator = np.random.default_rng(0)
+    rows = generator.normal(size=(4, 30, 6))
+    pairs = np.array([(i, 15 + i) for i in range(8)])
+
+    def objective(shares: np.ndarray) -> float:
+        q = np.tensordot(shares, rows[:, pairs[:, 0]], axes=1)
+        p = np.tensordot(shares, rows[:, pairs[:, 1]], axes=1)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        p /= np.linalg.norm(p, axis=1, keepdims=True)
+        logits = q @ p.T / mix_retrieval.TEMPERATURE
+        top = logits.max(axis=1)
+        return float(np.mean(np.diag(logits) - top - np.log(np.exp(logits - top[:, None]).sum(1))))
+
+    shares = layer_mix.softmax(generator.normal(size=4))
+    numeric = [(objective(shares + e) - objective(shares - e)) / 2e-6 for e in np.eye(4) * 1e-6]
+    exact = mix_retrieval._contrastive_gradient(rows, pairs, shares)
+    np.testing.assert_allclose(exact, numeric, rtol=1e-5, atol=1e-6)
+
+
+def test_compare_fits_a_retrieval_mix(tiny_bert_folder, tmp_path):
+    from hiddenpool.evaluation import retrieval
+
+    queries = _texts(120, seed=5)
+    generator = np.random.default_rng(6)
+    words = [w for w in tiny_models.WORDS if w.isalpha()]
+    rows = []
+    for query in queries:  # the positive: the query with one word replaced
+        tokens = query.split()
+        tokens[int(generator.integers(len(tokens)))] = str(generator.choice(words))
+        rows.append({"query": query, "positive": " ".join(tokens) + " ok"})
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows[:90]))
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows[90:]))
+    out = tmp_path / "ranking.json"
+    result = run_cli(
+        "compare", "--model", tiny_bert_folder, "--task", "retrieval", "--fit", str(train),
+        "--data", str(data), "--strategies", "mean@last", "cls@all:weighted", "--json", str(out),
+        "--bootstrap", "200",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "first@all:weighted (fit) against the best fixed strategy, mean@last:" in result.stdout
+    document = json.loads(out.read_text())
+    (fit,) = document["fits"]
+    assert fit["train_pairs"] == 80 and fit["dev_pairs"] == 10  # queries; at least 10 held out
+    row = next(r for r in document["results"] if r["strategy"] == "first@all:weighted (fit)")
+    assert row["fitted"] and row["gain_low"] <= row["gain"] <= row["gain_high"]
+    alone = retrieval.compare_retrieval(
+        Encoder(*tiny_models.bert()),
+        retrieval.read_queries(data),
+        ["cls@all:weighted"],
+        layer_weights=fit["weights"],
+        resamples=0,
+    )
+    np.testing.assert_allclose(row["mrr@10"], alone.results[0].metrics["mrr@10"], atol=1e-12)

@@ -94,7 +94,7 @@ def compare(options: CompareOptions) -> int:
     from hiddenpool.evaluation import evaluate, report
 
     _check(options)
-    if options.task == "retrieval" and not options.fit:
+    if options.task == "retrieval":
         return compare_retrieval(options)
     paths = options.data or [evaluate.default_data_path()]
     datasets = [(path, _read_pairs(path, options.skip_bad)) for path in paths]
@@ -220,20 +220,25 @@ def compare_retrieval(options: CompareOptions) -> int:
 
     if not options.data or len(options.data) != 1:
         raise UsageError("--data: --task retrieval takes one file of query, positive rows")
-    given = [
+    refused = [
         flag for flag, value in (("--sweep", options.sweep), ("--plot", options.plot)) if value
     ]
-    if given:
+    if refused:
         raise UsageError(
-            f"{' and '.join(given)}: not available with --task retrieval (similarity only)"
+            f"{' and '.join(refused)}: not available with --task retrieval (similarity only)"
         )
     path = options.data[0]
     data = _read_data(path, retrieval.read_queries)
-    model = checks.preflight(options, options.strategies or ())
+    plan = compare_fit.plan(options, [(path, data)]) if options.fit else None
+    given = plan.fixed if plan is not None else options.strategies
+    model = checks.preflight(options, given or ())
+    if plan is not None:
+        compare_fit.check_layers(plan, model)
     encoder, model_name = checks.load_encoder(options, model)
-    strategies = list(options.strategies or ["model", *evaluate.DEFAULT_STRATEGIES])
+    strategies = list(given or ["model", *evaluate.DEFAULT_STRATEGIES])
     checks.check_against_model(encoder, options, strategies)
     _print_header(encoder, options.model, strategies)
+    fits = compare_fit.run_fits(options, plan, encoder) if plan is not None else []
     print(f"data: {path}: {len(data.queries)} queries, corpus of {len(data.corpus)}", flush=True)
     comparison = retrieval.compare_retrieval(
         encoder,
@@ -247,6 +252,7 @@ def compare_retrieval(options: CompareOptions) -> int:
         missing_eos=options.missing_eos,
         layer_weights=options.layer_weights,
         layer_scale=options.layer_scale,
+        mixes=compare_fit.mixes(fits),
     )
     print(f"encoded once for all strategies in {comparison.encode_seconds:.2f} s\n")
     print(report.retrieval_table(comparison))
@@ -255,7 +261,11 @@ def compare_retrieval(options: CompareOptions) -> int:
         document["runtime"] = encoder.runtime
         document["precision"] = encoder.precision
         document["quantization"] = encoder.quantization
+        if fits:
+            document["fits"] = [fit.as_json() for fit in fits]
         checks.write_json(options.json, document)
+    if options.save_fit:
+        compare_fit.save(options, encoder, model, fits, [comparison])
     return 0
 
 

@@ -32,11 +32,6 @@ def plan(options: Any, datasets: Sequence[tuple[str, Any]]) -> FitPlan:
     from hiddenpool.evaluation import layer_mix
     from hiddenpool.strategy import Strategy
 
-    if options.task != "similarity":
-        raise UsageError(
-            "--fit: fits similarity pairs (a correlation of cosines with gold scores); "
-            "--task retrieval cannot be fit yet"
-        )
     if options.sweep:
         raise UsageError("--fit: ranks the strategies given with --strategies; leave out --sweep")
     if options.layer_weights is not None:
@@ -60,28 +55,34 @@ def plan(options: Any, datasets: Sequence[tuple[str, Any]]) -> FitPlan:
                 f"rows; fit one of {', '.join(layer_mix.LINEAR_POOLS)}"
             )
         fits.append((str(parsed), pool, layers))
-    train = _read(options.fit, "--fit", options.skip_bad)
-    dev = _read(options.fit_dev, "--fit-dev", options.skip_bad) if options.fit_dev else None
+    retrieval = options.task == "retrieval"
+    unit = "queries" if retrieval else "pairs"
+    train = _read(options.fit, "--fit", options.skip_bad, retrieval)
+    dev = (
+        _read(options.fit_dev, "--fit-dev", options.skip_bad, retrieval)
+        if options.fit_dev
+        else None
+    )
     needed = layer_mix.MIN_TRAIN_PAIRS + (0 if dev else layer_mix.MIN_DEV_PAIRS)
-    if len(train.scores) < needed:
+    if _count(train) < needed:
         raise UsageError(
-            f"--fit {options.fit}: {len(train.scores)} pairs; a fit needs at least {needed} "
+            f"--fit {options.fit}: {_count(train)} {unit}; a fit needs at least {needed} "
             f"({layer_mix.MIN_TRAIN_PAIRS} to fit"
             + ("" if dev else f", {layer_mix.MIN_DEV_PAIRS} held out to stop early")
             + ")"
         )
-    if dev is not None and len(dev.scores) < layer_mix.MIN_DEV_PAIRS:
+    if dev is not None and _count(dev) < layer_mix.MIN_DEV_PAIRS:
         raise UsageError(
-            f"--fit-dev {options.fit_dev}: {len(dev.scores)} pairs; early stopping needs at "
+            f"--fit-dev {options.fit_dev}: {_count(dev)} {unit}; early stopping needs at "
             f"least {layer_mix.MIN_DEV_PAIRS}"
         )
-    for path, pairs in datasets:
-        shared = layer_mix.shared_pairs(train, pairs)
+    for path, data in datasets:
+        shared = _shared(train, data)
         if shared:
             print(
-                f"hiddenpool: warning: --data {path}: {shared} of its {len(pairs.scores)} "
-                f"pairs are in --fit {options.fit} too: the fitted rows are scored on pairs "
-                "they were fit to",
+                f"hiddenpool: warning: --data {path}: {shared} of its {_count(data)} {unit} "
+                f"are in --fit {options.fit} too: the fitted rows are scored on {unit} they "
+                "were fit to",
                 file=sys.stderr,
             )
     if options.save_fit:
@@ -105,12 +106,16 @@ def check_layers(plan: FitPlan, model: str) -> None:
 
 def run_fits(options: Any, plan: FitPlan, encoder: Any) -> list[Any]:
     """Fits each strategy of the plan and prints its weights; the fits."""
-    from hiddenpool.evaluation import layer_mix
+    from hiddenpool.evaluation import layer_mix, mix_retrieval
 
+    fitter = (
+        mix_retrieval.fit_retrieval_mix if options.task == "retrieval" else layer_mix.fit_layer_mix
+    )
+    score = "MRR@10" if options.task == "retrieval" else "Pearson"
     fits = []
     for strategy, pool, layers in plan.fits:
         try:
-            fit = layer_mix.fit_layer_mix(
+            fit = fitter(
                 encoder,
                 plan.train,
                 pool,
@@ -123,11 +128,12 @@ def run_fits(options: Any, plan: FitPlan, encoder: Any) -> list[Any]:
         except ValueError as error:
             raise UsageError(f"strategy {strategy!r}: {error}") from None
         dev = options.fit_dev or f"a held-out tenth of {options.fit}"
+        unit = "queries" if options.task == "retrieval" else "pairs"
         print(
-            f"fitted {fit.strategy} on {options.fit} ({fit.train_pairs} pairs; stopped on "
-            f"{dev}, {fit.dev_pairs} pairs: best at step {fit.best_step}, Pearson "
-            f"{fit.dev_curve[fit.best_step] * 100:.2f}, Spearman "
-            f"{fit.dev_spearman * 100:.2f}); forward pass {fit.forward_seconds:.1f} s, fit "
+            f"fitted {fit.strategy} on {options.fit} ({fit.train_pairs} {unit}; stopped on "
+            f"{dev}, {fit.dev_pairs} {unit}: best at step {fit.best_step}, dev {score} "
+            f"{fit.dev_curve[fit.best_step] * 100:.2f}); forward pass "
+            f"{fit.forward_seconds:.1f} s, fit "
             f"{fit.fit_seconds:.2f} s"
         )
         shares = "  ".join(
@@ -151,7 +157,11 @@ def save(options: Any, encoder: Any, model: str, fits: Sequence[Any], comparison
     """``--save-fit``: the fit that scored best on the (first) --data, as a pipeline folder."""
     from hiddenpool.evaluation import layer_mix
 
-    scored = {r.strategy: r.spearman for r in comparisons[0].results if r.fitted}
+    scored = {
+        r.strategy: r.metrics["mrr@10"] if hasattr(r, "metrics") else r.spearman
+        for r in comparisons[0].results
+        if r.fitted
+    }
     best = max(fits, key=lambda fit: scored.get(f"{fit.strategy} (fit)", float("-inf")))
     width = int(encoder.encode([], best.strategy, layer_weights=best.weights).shape[1])
     folder = layer_mix.save_pipeline(best, model, options.save_fit, width, encoder.max_length)
@@ -162,11 +172,28 @@ def save(options: Any, encoder: Any, model: str, fits: Sequence[Any], comparison
     )
 
 
-def _read(path: str, flag: str, skip_bad: bool) -> Any:
+def _count(data: Any) -> int:
+    """Pairs of a similarity file, queries of a retrieval one."""
+    return len(data.queries) if hasattr(data, "queries") else len(data.scores)
+
+
+def _shared(train: Any, data: Any) -> int:
+    """Pairs (or queries) of ``data`` that are in ``train`` too."""
+    from hiddenpool.evaluation import layer_mix
+
+    if hasattr(train, "queries"):
+        return len(set(train.queries) & set(data.queries))
+    return layer_mix.shared_pairs(train, data)
+
+
+def _read(path: str, flag: str, skip_bad: bool, retrieval: bool = False) -> Any:
     from hiddenpool.evaluation import evaluate
+    from hiddenpool.evaluation import retrieval as retrieval_data
     from hiddenpool.io.json_lines import DataError
 
     try:
+        if retrieval:
+            return retrieval_data.read_queries(path)
         return evaluate.read_pairs(path, skip_bad=skip_bad)
     except FileNotFoundError:
         raise UsageError(f"{flag} {path}: no such file") from None

@@ -98,11 +98,14 @@ def similarity_table(comparison: Any) -> str:
     return "\n".join(lines)
 
 
-def gain_line(result: Any) -> str:
+def gain_line(result: Any, metric: str = "Spearman") -> str:
     """What a fitted mix gains over the best fixed strategy, and whether the paired
     interval of that gain (same resamples) leaves out zero."""
     gain = f"{result.gain * 100:+.2f}" if result.gain == result.gain else "n/a"
-    text = f"{result.strategy} against the best fixed strategy, {result.reference}: {gain} points"
+    text = (
+        f"{result.strategy} against the best fixed strategy, {result.reference}: {gain} "
+        f"{metric} points"
+    )
     if result.gain_low != result.gain_low:
         return text + " (no interval: --bootstrap 0)"
     low, high = result.gain_low * 100, result.gain_high * 100
@@ -236,6 +239,7 @@ def retrieval_table(comparison: Any) -> str:
             mark = "=" if result.tied_with_best else " "
             line += f"  {interval:>16}  {result.p_vs_best:>9.3f} {mark}"
         lines.append(line)
+    lines += [gain_line(result, "MRR@10") for result in comparison.results if result.fitted]
     return (
         "\n".join(lines)
         + "\n"

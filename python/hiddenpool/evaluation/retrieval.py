@@ -120,6 +120,13 @@ class RetrievalResult:
     ci_high: float = float("nan")
     p_vs_best: float = float("nan")
     tied_with_best: bool = False
+    # A fitted mix's row: its MRR@10 less the best fixed strategy's, with the 95% interval
+    # of that difference on the same resamples of the queries.
+    fitted: bool = False
+    reference: str = ""
+    gain: float = float("nan")
+    gain_low: float = float("nan")
+    gain_high: float = float("nan")
 
 
 @dataclass
@@ -155,6 +162,17 @@ class RetrievalComparison:
                     "ci_high": _finite(result.ci_high),
                     "p_vs_best": _finite(result.p_vs_best),
                     "tied_with_best": result.tied_with_best,
+                    **(
+                        {
+                            "fitted": True,
+                            "reference": result.reference,
+                            "gain": _finite(result.gain),
+                            "gain_low": _finite(result.gain_low),
+                            "gain_high": _finite(result.gain_high),
+                        }
+                        if result.fitted
+                        else {}
+                    ),
                 }
                 for result in self.results
             ],
@@ -169,15 +187,21 @@ def compare_retrieval(
     model_name: str = "",
     resamples: int = 1000,
     seed: int | None = 0,
+    mixes: Sequence[Any] = (),
     **encode_options: Any,
 ) -> RetrievalComparison:
     """Ranks strategies by MRR@10 of ``data``'s queries against its corpus; queries and
     corpus are encoded once for all strategies. Intervals and the paired test against the
-    best are over queries, on MRR@10."""
+    best are over queries, on MRR@10. ``mixes`` (``evaluate.Mix``, fitted layer mixes) are
+    rows of their own, each with its gain over the best fixed strategy and that gain's
+    interval on the same resamples."""
+    from hiddenpool.evaluation.evaluate import _embeddings
+
     texts = list(dict.fromkeys(data.queries + data.corpus))
     position = {text: index for index, text in enumerate(texts)}
     started = time.perf_counter()
-    embeddings = encoder.encode(texts, list(strategies), **encode_options)
+    options = {"progress": None, "layer_weights": None, "layer_scale": 1.0, **encode_options}
+    embeddings = _embeddings(encoder, texts, strategies, mixes, options, {})
     seconds = time.perf_counter() - started
     comparison = RetrievalComparison(
         model_name, data.source, len(data.queries), len(data.corpus), seconds, resamples, seed
@@ -185,7 +209,8 @@ def compare_retrieval(
     query_rows = [position[text] for text in data.queries]
     corpus_rows = [position[text] for text in data.corpus]
     per_query: dict[str, np.ndarray] = {}
-    for strategy in strategies:
+    fitted = {mix.name for mix in mixes}
+    for strategy in [*strategies, *fitted]:
         vectors = embeddings[strategy]
         similarities = cosine_matrix(vectors[query_rows], vectors[corpus_rows])
         metrics = per_query_metrics(similarities, data.relevant)
@@ -195,9 +220,15 @@ def compare_retrieval(
                 strategy,
                 int(vectors.shape[1]),
                 {name: float(values.mean()) for name, values in metrics.items()},
+                fitted=strategy in fitted,
             )
         )
     comparison.results.sort(key=lambda result: -result.metrics["mrr@10"])
+    fixed = [result for result in comparison.results if not result.fitted]
+    for result in comparison.results:
+        if result.fitted and fixed:
+            result.reference = fixed[0].strategy
+            result.gain = result.metrics["mrr@10"] - fixed[0].metrics["mrr@10"]
     if resamples:
         indices = bootstrap.resample_indices(len(data.queries), resamples, seed)
         samples = {name: values[indices].mean(axis=1) for name, values in per_query.items()}
@@ -207,4 +238,8 @@ def compare_retrieval(
             result.ci_low, result.ci_high = interval.low, interval.high
             result.p_vs_best = bootstrap.paired_p_value(samples[best], samples[result.strategy])
             result.tied_with_best = bool(result.p_vs_best >= TIE_LEVEL)
+            if result.reference:
+                difference = samples[result.strategy] - samples[result.reference]
+                gained = bootstrap.percentile_interval(difference)
+                result.gain_low, result.gain_high = gained.low, gained.high
     return comparison
