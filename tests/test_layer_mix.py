@@ -270,3 +270,75 @@ def test_compare_fits_a_retrieval_mix(tiny_bert_folder, tmp_path):
         resamples=0,
     )
     np.testing.assert_allclose(row["mrr@10"], alone.results[0].metrics["mrr@10"], atol=1e-12)
+
+
+def test_the_gain_interval_is_on_the_same_resamples_as_the_table():
+    """The fitted row's gain over the best fixed strategy and its interval, against scipy's
+    Spearman on each resample drawn as the table draws them (numpy, the seed)."""
+    from scipy.stats import spearmanr
+
+    model, tokenizer = tiny_models.bert()
+    encoder = Encoder(model, tokenizer)
+    pairs = _planted_pairs(encoder, layer_mix.softmax(np.array([0.5, -1.0, 0.2, 1.5])), 60, 9)
+    weights = (0.4, -0.8, 0.1, 1.2)
+    mix = evaluate.Mix("mix (fit)", "mean@all:weighted", weights)
+    comparison = evaluate.compare(
+        encoder, pairs, ["mean@last", "cls@last"], resamples=200, seed=3, mixes=[mix]
+    )
+    row = next(r for r in comparison.results if r.fitted)
+    fixed = max((r for r in comparison.results if not r.fitted), key=lambda r: r.spearman)
+    assert row.reference == fixed.strategy
+    texts = list(dict.fromkeys(pairs.first + pairs.second))
+    where = {text: i for i, text in enumerate(texts)}
+    first = [where[t] for t in pairs.first]
+    second = [where[t] for t in pairs.second]
+
+    def cosines(rows: np.ndarray) -> np.ndarray:
+        a, b = rows[first], rows[second]
+        return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+    mixed = cosines(encoder.encode(texts, "mean@all:weighted", layer_weights=list(weights)))
+    best = cosines(encoder.encode(texts, fixed.strategy))
+    indices = np.random.default_rng(3).integers(0, len(pairs.scores), size=(200, 60))
+    differences = [
+        spearmanr(mixed[i], pairs.scores[i])[0] - spearmanr(best[i], pairs.scores[i])[0]
+        for i in indices
+    ]
+    low, high = np.percentile(differences, [2.5, 97.5])
+    np.testing.assert_allclose([row.gain_low, row.gain_high], [low, high], atol=1e-9)
+    np.testing.assert_allclose(
+        row.gain,
+        spearmanr(mixed, pairs.scores)[0] - spearmanr(best, pairs.scores)[0],
+        atol=1e-9,
+    )
+
+
+def test_shared_pairs_are_counted_and_an_onnx_model_saves_beside_its_graph(
+    tiny_bert_folder, tmp_path
+):
+    from hiddenpool import export_onnx
+
+    onnx = str(export_onnx(tiny_bert_folder, tmp_path / "onnx"))
+    model, tokenizer = tiny_models.bert()
+    planted = layer_mix.softmax(np.array([0.5, -1.0, 0.2, 1.5]))
+    train = _write_pairs(
+        tmp_path / "train.tsv", _planted_pairs(Encoder(model, tokenizer), planted, 80, 4)
+    )
+    saved = tmp_path / "saved"
+    result = run_cli(
+        "compare", "--model", onnx, "--fit", train, "--data", train, "--save-fit", str(saved),
+        "--strategies", "mean@last", "mean@all:weighted", "--bootstrap", "0",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"--data {train}: 80 of its 80 pairs are in --fit {train} too" in result.stderr
+    assert (saved / "model.onnx").is_file() and (
+        saved / "1_HiddenPooling" / "config.json"
+    ).is_file()
+    config = json.loads((saved / "1_HiddenPooling" / "config.json").read_text())
+    texts = _texts(5, seed=99)
+    expected = Encoder.from_pretrained(onnx).encode(
+        texts, "mean@all:weighted", layer_weights=config["layer_weights"]
+    )
+    np.testing.assert_allclose(
+        Encoder.from_pretrained(str(saved)).encode(texts), expected, atol=1e-6
+    )
