@@ -55,6 +55,8 @@ class LayerMixFit:
     dev_spearman: float = float("nan")
     forward_seconds: float = 0.0
     fit_seconds: float = 0.0
+    # What train_spearman and dev_spearman hold: "spearman" (pairs) or "mrr@10" (retrieval).
+    score: str = "spearman"
 
     @property
     def mix(self) -> list[float]:
@@ -71,9 +73,9 @@ class LayerMixFit:
             "train_pairs": self.train_pairs,
             "dev_pairs": self.dev_pairs,
             "best_step": self.best_step,
-            "train_spearman": self.train_spearman,
-            "dev_spearman": self.dev_spearman,
-            "dev_curve": self.dev_curve,
+            f"train_{self.score}": self.train_spearman,
+            f"dev_{self.score}": self.dev_spearman,
+            "dev_curve": self.dev_curve,  # the early-stopping criterion after each step
             "forward_seconds": self.forward_seconds,
             "fit_seconds": self.fit_seconds,
         }

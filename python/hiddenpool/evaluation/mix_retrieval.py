@@ -136,6 +136,7 @@ def fit_retrieval_mix(
         dev_spearman=best,
         forward_seconds=forward_seconds,
         fit_seconds=time.perf_counter() - started,
+        score="mrr@10",
     )
 
 
