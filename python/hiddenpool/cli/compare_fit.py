@@ -25,6 +25,7 @@ class FitPlan:
     dev: Any | None
     fixed: list[str]
     fits: list[tuple[str, str, str]]
+    save_fit: str | None = None
 
 
 def plan(options: Any, datasets: Sequence[tuple[str, Any]]) -> FitPlan:
@@ -87,13 +88,17 @@ def plan(options: Any, datasets: Sequence[tuple[str, Any]]) -> FitPlan:
             )
     if options.save_fit:
         _check_new_folder(options.save_fit)
-    return FitPlan(train, dev, fixed, fits)
+    return FitPlan(train, dev, fixed, fits, options.save_fit)
 
 
 def check_layers(plan: FitPlan, model: str) -> None:
     """Each fit's layers against the layer count the model's files give (before loading)."""
     from hiddenpool.evaluation import layer_mix
 
+    if plan.save_fit and not os.path.isdir(model):
+        raise UsageError(
+            f"--save-fit: copies the model's folder, and --model {model} is not a folder"
+        )
     count = checks.state_count_from_files(model) if os.path.isdir(model) else None
     if count is None:
         return
@@ -166,9 +171,10 @@ def save(options: Any, encoder: Any, model: str, fits: Sequence[Any], comparison
     width = int(encoder.encode([], best.strategy, layer_weights=best.weights).shape[1])
     folder = layer_mix.save_pipeline(best, model, options.save_fit, width, encoder.max_length)
     print(f"\nwrote {folder}: {best.strategy} with the fitted weights as the model's pipeline")
+    onnx = os.path.isfile(os.path.join(folder, "model.onnx"))
     print(
-        f"use it: hiddenpool encode --model {folder} ... (strategy 'model'), or "
-        f"SentenceTransformer({folder!r}, trust_remote_code=True)"
+        f"use it: hiddenpool encode --model {folder} ... (strategy 'model')"
+        + ("" if onnx else f", or SentenceTransformer({folder!r}, trust_remote_code=True)")
     )
 
 
