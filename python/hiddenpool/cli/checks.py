@@ -403,3 +403,20 @@ def write_json(path: str, document: Any) -> None:
         json.dump(document, handle, indent=2, allow_nan=False)
         handle.write("\n")
     print(f"\nwrote {path}")
+
+
+def read_data(flag: str, path: str, reader: Any) -> Any:
+    """``reader(path)`` for a data file given as ``flag``, its failures as one-line usage
+    errors (a bad row's DataError names the file and line itself)."""
+    from hiddenpool.io.json_lines import DataError
+
+    try:
+        return reader(path)
+    except FileNotFoundError:
+        raise UsageError(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{flag} {path}: is a folder; give a file") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{flag} {path}: not UTF-8 text ({error.reason})") from None
+    except DataError as error:
+        raise UsageError(str(error)) from None

@@ -8,7 +8,7 @@ import argparse
 import dataclasses
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from hiddenpool.cli import checks, compare_fit
@@ -228,7 +228,7 @@ def compare_retrieval(options: CompareOptions) -> int:
             f"{' and '.join(refused)}: not available with --task retrieval (similarity only)"
         )
     path = options.data[0]
-    data = _read_data(path, retrieval.read_queries)
+    data = checks.read_data("--data", path, retrieval.read_queries)
     plan = compare_fit.plan(options, [(path, data)]) if options.fit else None
     given = plan.fixed if plan is not None else options.strategies
     model = checks.preflight(options, given or ())
@@ -308,26 +308,12 @@ def _run_comparison(
     return comparison
 
 
-def _read_data(path: str, reader: Callable[[str], Any]) -> Any:
-    """``reader(path)`` for a --data file, its failures as one-line usage errors."""
-    from hiddenpool.io.json_lines import DataError
-
-    try:
-        return reader(path)
-    except FileNotFoundError:
-        raise UsageError(f"--data {path}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"--data {path}: is a folder; give a file") from None
-    except UnicodeDecodeError as error:
-        raise UsageError(f"--data {path}: not UTF-8 text ({error.reason})") from None
-    except DataError as error:
-        raise UsageError(str(error)) from None
-
-
 def _read_pairs(data: str, skip_bad: bool) -> Any:
     from hiddenpool.evaluation import evaluate
 
-    return _read_data(data, lambda path: evaluate.read_pairs(path, skip_bad=skip_bad))
+    return checks.read_data(
+        "--data", data, lambda path: evaluate.read_pairs(path, skip_bad=skip_bad)
+    )
 
 
 def _require_matplotlib() -> None:

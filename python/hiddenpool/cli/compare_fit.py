@@ -195,20 +195,10 @@ def _shared(train: Any, data: Any) -> int:
 def _read(path: str, flag: str, skip_bad: bool, retrieval: bool = False) -> Any:
     from hiddenpool.evaluation import evaluate
     from hiddenpool.evaluation import retrieval as retrieval_data
-    from hiddenpool.io.json_lines import DataError
 
-    try:
-        if retrieval:
-            return retrieval_data.read_queries(path)
-        return evaluate.read_pairs(path, skip_bad=skip_bad)
-    except FileNotFoundError:
-        raise UsageError(f"{flag} {path}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{flag} {path}: is a folder; give a file") from None
-    except UnicodeDecodeError as error:
-        raise UsageError(f"{flag} {path}: not UTF-8 text ({error.reason})") from None
-    except DataError as error:
-        raise UsageError(f"{flag} {error}") from None
+    if retrieval:
+        return checks.read_data(flag, path, retrieval_data.read_queries)
+    return checks.read_data(flag, path, lambda name: evaluate.read_pairs(name, skip_bad=skip_bad))
 
 
 def _check_new_folder(path: str) -> None:

@@ -222,13 +222,9 @@ def fit_layer_mix(
         raise ValueError(f"dev: {len(dev.scores)} pairs; early stopping needs {MIN_DEV_PAIRS}")
     sentences = list(dict.fromkeys(train.first + train.second + dev.first + dev.second))
     position = {sentence: index for index, sentence in enumerate(sentences)}
-    started = time.perf_counter()
-    per_layer = [f"{pool}@{index}" for index in chosen]
-    pooled = encoder.encode(
-        sentences, per_layer, batch_size=batch_size, max_batch_tokens=max_batch_tokens
+    rows, forward_seconds = pooled_layers(
+        encoder, sentences, pool, chosen, batch_size, max_batch_tokens
     )
-    rows = np.stack([pooled[key] for key in per_layer]).astype(np.float64)  # [L, N, H]
-    forward_seconds = time.perf_counter() - started
     started = time.perf_counter()
 
     def grams(split: Pairs) -> _Grams:
@@ -273,20 +269,12 @@ def _adam(
     already orders well it ties for many steps while Pearson still climbs."""
     count = train.uu.shape[1]
     weights = np.zeros(count)
-    first_moment, second_moment = np.zeros(count), np.zeros(count)
-    beta1, beta2, epsilon = 0.9, 0.999, 1e-8
+    moments = (np.zeros(count), np.zeros(count))
     best = pearson(dev.cosines(softmax(weights))[0], dev_scores)
     best_weights, best_step, curve = weights.copy(), 0, [best]
     for step in range(1, steps + 1):
-        shares = softmax(weights)
-        _, gradient = train.gradient(shares, train_scores)
-        # Through the softmax: d shares / d weights = diag(s) - s s'.
-        gradient = shares * (gradient - gradient @ shares)
-        first_moment = beta1 * first_moment + (1 - beta1) * gradient
-        second_moment = beta2 * second_moment + (1 - beta2) * gradient**2
-        corrected = first_moment / (1 - beta1**step)
-        scaled = np.sqrt(second_moment / (1 - beta2**step)) + epsilon
-        weights = weights + learning_rate * corrected / scaled  # ascent: r grows
+        _, gradient = train.gradient(softmax(weights), train_scores)
+        weights, moments = adam_step(weights, gradient, moments, step, learning_rate)
         score = pearson(dev.cosines(softmax(weights))[0], dev_scores)
         curve.append(score)
         if score > best:
@@ -294,6 +282,43 @@ def _adam(
         elif step - best_step >= patience:
             break
     return best_weights, best_step, curve
+
+
+def pooled_layers(
+    encoder: Any,
+    texts: list[str],
+    pool: str,
+    layers: list[int],
+    batch_size: int | None,
+    max_batch_tokens: int | None,
+) -> tuple[np.ndarray, float]:
+    """Every text pooled by ``pool`` at each of ``layers``, from one forward pass:
+    ``[L, N, H]`` float64, and the seconds it took."""
+    started = time.perf_counter()
+    keys = [f"{pool}@{index}" for index in layers]
+    pooled = encoder.encode(texts, keys, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
+    rows = np.stack([pooled[key] for key in keys]).astype(np.float64)
+    return rows, time.perf_counter() - started
+
+
+def adam_step(
+    weights: np.ndarray,
+    gradient: np.ndarray,
+    moments: tuple[np.ndarray, np.ndarray],
+    step: int,
+    learning_rate: float,
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """One Adam ascent step (the objective grows) in the softmax weights, from its
+    ``gradient`` in the shares; the new weights and moments."""
+    shares = softmax(weights)
+    # Through the softmax: d shares / d weights = diag(s) - s s'.
+    gradient = shares * (gradient - gradient @ shares)
+    beta1, beta2, epsilon = 0.9, 0.999, 1e-8
+    first = beta1 * moments[0] + (1 - beta1) * gradient
+    second = beta2 * moments[1] + (1 - beta2) * gradient**2
+    corrected = first / (1 - beta1**step)
+    scaled = np.sqrt(second / (1 - beta2**step)) + epsilon
+    return weights + learning_rate * corrected / scaled, (first, second)
 
 
 HIDDEN_POOLING = "hiddenpool.integrations.st_module.HiddenPooling"

@@ -18,7 +18,9 @@ from hiddenpool.evaluation.layer_mix import (
     MIN_DEV_PAIRS,
     MIN_TRAIN_PAIRS,
     LayerMixFit,
+    adam_step,
     check_fit,
+    pooled_layers,
     softmax,
 )
 from hiddenpool.evaluation.retrieval import Queries, cosine_matrix, per_query_metrics
@@ -79,13 +81,9 @@ def fit_retrieval_mix(
         raise ValueError(f"dev: {len(dev.queries)} queries; early stopping needs {MIN_DEV_PAIRS}")
     texts = list(dict.fromkeys(data.queries + data.corpus + dev.queries + dev.corpus))
     position = {text: index for index, text in enumerate(texts)}
-    started = time.perf_counter()
-    per_layer = [f"{pool}@{index}" for index in chosen]
-    pooled = encoder.encode(
-        texts, per_layer, batch_size=batch_size, max_batch_tokens=max_batch_tokens
+    rows, forward_seconds = pooled_layers(
+        encoder, texts, pool, chosen, batch_size, max_batch_tokens
     )
-    rows = np.stack([pooled[key] for key in per_layer]).astype(np.float64)  # [L, N, H]
-    forward_seconds = time.perf_counter() - started
     started = time.perf_counter()
     pairs = np.array(
         [
@@ -115,7 +113,7 @@ def fit_retrieval_mix(
         chosen_pairs = pairs[order[cursor : cursor + batch]]
         cursor += batch
         gradient = _contrastive_gradient(rows, chosen_pairs, softmax(weights))
-        weights, moments = _adam_step(weights, gradient, moments, step, learning_rate)
+        weights, moments = adam_step(weights, gradient, moments, step, learning_rate)
         score = mrr(dev, weights)
         curve.append(score)
         if score > best:
@@ -166,20 +164,3 @@ def _contrastive_gradient(rows: np.ndarray, pairs: np.ndarray, shares: np.ndarra
     through_p = ((weight * cosine).sum(axis=0) / norm_p**2) @ pp_s
     result: np.ndarray = through_dot - through_q - through_p
     return result
-
-
-def _adam_step(
-    weights: np.ndarray,
-    gradient: np.ndarray,
-    moments: tuple[np.ndarray, np.ndarray],
-    step: int,
-    learning_rate: float,
-) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """One Adam ascent step in the softmax weights from a gradient in the shares."""
-    shares = softmax(weights)
-    gradient = shares * (gradient - gradient @ shares)  # through the softmax
-    first = 0.9 * moments[0] + 0.1 * gradient
-    second = 0.999 * moments[1] + 0.001 * gradient**2
-    corrected = first / (1 - 0.9**step)
-    scaled = np.sqrt(second / (1 - 0.999**step)) + 1e-8
-    return weights + learning_rate * corrected / scaled, (first, second)
