@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from hiddenpool.cli import checks, compare_fit
+from hiddenpool.cli import checks, compare_fit, compare_mteb
 from hiddenpool.cli.checks import Accumulate, ModelOptions, UsageError
 
 
@@ -28,6 +28,10 @@ class CompareOptions(ModelOptions):
     fit: str | None = None
     fit_dev: str | None = None
     save_fit: str | None = None
+    mteb: list[str] | None = None
+    mteb_benchmark: str | None = None
+    mteb_local: str | None = None
+    output_folder: str | None = None
 
 
 def add_arguments(compare: argparse.ArgumentParser) -> None:
@@ -84,6 +88,7 @@ def add_arguments(compare: argparse.ArgumentParser) -> None:
         "HiddenPooling holding the weights) that Encoder, encode, serve, export and "
         "SentenceTransformer(trust_remote_code=True) load",
     )
+    compare_mteb.add_arguments(compare)
 
 
 def run(arguments: argparse.Namespace) -> int:
@@ -93,6 +98,10 @@ def run(arguments: argparse.Namespace) -> int:
 def compare(options: CompareOptions) -> int:
     from hiddenpool.evaluation import evaluate, report
 
+    if compare_mteb.wanted(options) or options.output_folder is not None:
+        if options.plot:
+            _require_matplotlib()
+        return compare_mteb.run(options)
     _check(options)
     if options.task == "retrieval":
         return compare_retrieval(options)
