@@ -150,7 +150,9 @@ def run(options: Any) -> int:
     print(f"runtime: {encoder.runtime}, precision {encoder.precision}{quantized}")
     if "model" in strategies:
         print(f"strategy 'model' = {encoder.describe_model_strategy()} (the model's own pipeline)")
-    print(f"{len(tasks)} MTEB tasks x {len(strategies)} strategies; results in {folder}\n", flush=True)
+    print(
+        f"{len(tasks)} MTEB tasks x {len(strategies)} strategies; results in {folder}\n", flush=True
+    )
     sweep = hm.evaluate(
         wrapped,
         tasks,
@@ -199,7 +201,9 @@ def ranking_tables(sweep: Any) -> str:
         tasks = [task for task in sweep.tasks if task.type == kind]
         column = min(28, max(16, *(len(task.name) for task in tasks)))
         heads = [task.name[:column] for task in tasks]
-        lines.append(f"{kind}: main score x 100 ({', '.join(sorted({t.main_score for t in tasks}))})")
+        lines.append(
+            f"{kind}: main score x 100 ({', '.join(sorted({t.main_score for t in tasks}))})"
+        )
         lines.append(
             f"{'strategy':<{width}}" + "".join(f"  {h:>{column}}" for h in heads) + f"  {'mean':>9}"
         )
@@ -217,7 +221,9 @@ def ranking_tables(sweep: Any) -> str:
         lines.append("[low-high]: 95% bootstrap interval of the STS pairs\n")
     overall = sweep.overall()
     kinds = list(sweep.by_type())
-    lines.append(f"overall: mean main score x 100 per task type and over all {len(sweep.tasks)} tasks")
+    lines.append(
+        f"overall: mean main score x 100 per task type and over all {len(sweep.tasks)} tasks"
+    )
     lines.append(
         f"{'rank':>4}  {'strategy':<{width}}"
         + "".join(f"  {k[:14]:>14}" for k in kinds)
@@ -254,7 +260,8 @@ def as_json(sweep: Any, model_name: str, encoder: Any) -> dict[str, Any]:
         "ranking": sweep.ranking(),
         "overall": {s: _number(v) for s, v in sweep.overall().items()},
         "by_type": {
-            kind: {s: _number(v) for s, v in means.items()} for kind, means in sweep.by_type().items()
+            kind: {s: _number(v) for s, v in means.items()}
+            for kind, means in sweep.by_type().items()
         },
         "tasks": [
             {
@@ -294,7 +301,10 @@ def plot(sweep: Any, model_name: str, path: str) -> None:
     for index, value in enumerate(values):
         axes.text(value, index, f" {value:.2f}", va="center")
     names = ", ".join(task.name for task in sweep.tasks)
-    axes.set_title(f"{model_name}\nMTEB mean main score over {len(sweep.tasks)} tasks: {names}"[:200], fontsize=9)
+    axes.set_title(
+        f"{model_name}\nMTEB mean main score over {len(sweep.tasks)} tasks: {names}"[:200],
+        fontsize=9,
+    )
     axes.set_xlabel("mean main score x 100")
     axes.set_xlim(0, 100)
     figure.tight_layout()

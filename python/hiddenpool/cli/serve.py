@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from hiddenpool.cli import checks
+from hiddenpool.cli import checks, serve_ray
 from hiddenpool.cli.checks import ModelOptions, UsageError
 
 API_KEY_VARIABLE = "HIDDENPOOL_API_KEY"
@@ -34,6 +34,14 @@ class ServeOptions(ModelOptions):
     read_timeout: float = 10.0
     shutdown_timeout: float = 30.0
     expose_paths: bool = False
+    ray: bool = False
+    address: str | None = None
+    replicas: int | None = None
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    cpus_per_replica: float = 1.0
+    target_ongoing_requests: float | None = None
+    print_config: str | None = None
 
 
 def add_arguments(serve: argparse.ArgumentParser) -> None:
@@ -89,6 +97,7 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--expose-paths", action="store_true", help="/info shows the model's folder path"
     )
+    serve_ray.add_arguments(serve)
 
 
 def run(arguments: argparse.Namespace) -> int:
@@ -98,9 +107,12 @@ def run(arguments: argparse.Namespace) -> int:
 def serve(options: ServeOptions) -> int:
     settings_module = _require_server()
     _check(options)
+    serve_ray.check_flags(options)
     strategy = options.strategy or "model"
     checks.check_strategies([strategy])
     checks.check_layer_weights(options, [strategy])
+    if options.ray:
+        return serve_ray.serve_ray(options, strategy)
     model = checks.preflight(options, [strategy])
     sock = _bind(options.host, options.port)
     encoder, model_name = checks.load_encoder(options, model)

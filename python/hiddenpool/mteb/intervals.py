@@ -26,7 +26,9 @@ def sts_pairs(task: Any) -> tuple[list[str], list[str], np.ndarray] | None:
     where the task has several subsets or another layout."""
     if str(task.metadata.type) != "STS" or task.metadata.is_multilingual:
         return None
-    dataset = getattr(task, "dataset", None)
+    dataset: Any = getattr(task, "dataset", None)
+    if dataset is None:
+        return None
     split = task.metadata.eval_splits[0]
     try:
         data = dataset["default"][split] if "default" in dataset else dataset[split]

@@ -6,6 +6,7 @@ by ``mteb.evaluate`` like any other."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
@@ -23,7 +24,7 @@ RELEVANT_SCORE = 4.0
 
 
 class StsRow:
-    __slots__ = ("genre", "score", "first", "second")
+    __slots__ = ("first", "genre", "score", "second")
 
     def __init__(self, genre: int, score: float, first: str, second: str) -> None:
         self.genre, self.score, self.first, self.second = genre, score, first, second
@@ -57,10 +58,12 @@ def read_rows(path: str | os.PathLike[str], limit: int | None = None) -> list[St
     return rows
 
 
-def _metadata(name: str, kind: str, description: str, main_score: str, splits: list[str]) -> Any:
+def _metadata(
+    name: str, kind: Any, description: str, main_score: str, splits: list[str], revision: str
+) -> Any:
     return TaskMetadata(
         name=name,
-        dataset={"path": f"local/{name}", "revision": "local"},
+        dataset={"path": f"local/{name}", "revision": revision},
         description=description,
         reference=None,
         type=kind,
@@ -88,26 +91,41 @@ def _distinct(texts: list[str], labels: list[int]) -> tuple[list[str], list[int]
 
 
 def stsb_tasks(
-    folder: str | os.PathLike[str], *, limit: int | None = None, prefix: str = "LocalSTSB"
+    folder: str | os.PathLike[str], *, limit: int | None = None, prefix: str | None = None
 ) -> list[Any]:
     """The four local tasks over ``folder``'s ``sts-dev.csv`` (evaluated on) and
     ``sts-train.csv`` (the classifier's training rows), as MTEB task instances:
-    ``{prefix}STS`` (cosine Spearman on the dev pairs, as MTEB's STSBenchmark scores its test
-    split), ``{prefix}GenreClassification`` (logistic regression on the genre, accuracy),
+    ``{prefix}STS`` (cosine Spearman on the dev pairs, as MTEB's STSBenchmark scores its
+    test split), ``{prefix}GenreClassification`` (logistic regression on the genre, accuracy),
     ``{prefix}GenreClustering`` (k-means on the genre, V-measure) and ``{prefix}Retrieval``
     (each dev pair scored 4 or more: its first sentence the query, its second the relevant
     document among every dev second sentence; nDCG@10). ``limit`` keeps that many rows of each
-    file, spread evenly (for quick runs); a missing file is a FileNotFoundError naming it.
+    file, spread evenly (for quick runs). ``prefix`` defaults to ``LocalSTSB``
+    (``LocalSTSB{limit}`` with a limit, so results of different data never share a name in
+    MTEB's results folder); the files' content hash is each data set's revision. A missing
+    file is a FileNotFoundError naming it.
 
     >>> tasks = stsb_tasks("../shared/data/stsb")  # doctest: +SKIP
-    >>> [task.metadata.name for task in tasks]  # doctest: +SKIP
-    ['LocalSTSBSTS', 'LocalSTSBGenreClassification', 'LocalSTSBGenreClustering', 'LocalSTSBRetrieval']
+    >>> [task.metadata.name for task in tasks][:2]  # doctest: +SKIP
+    ['LocalSTSBSTS', 'LocalSTSBGenreClassification']
     """
     folder = os.fspath(folder)
     paths = {split: os.path.join(folder, f"sts-{split}.csv") for split in ("dev", "train")}
     for path in paths.values():
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"folder: {path} does not exist (an STS Benchmark folder holds sts-dev.csv and sts-train.csv)")
+            raise FileNotFoundError(
+                f"folder: {path} does not exist (an STS Benchmark folder holds sts-dev.csv "
+                "and sts-train.csv)"
+            )
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ValueError(f"limit: expected a positive number of rows, got {limit!r}")
+    if prefix is None:
+        prefix = "LocalSTSB" if limit is None else f"LocalSTSB{limit}"
+    digest = hashlib.sha256(str(limit).encode())
+    for path in paths.values():
+        with open(path, "rb") as handle:
+            digest.update(handle.read())
+    revision = digest.hexdigest()[:12]
     source = f"the STS Benchmark files in {folder}" + (f" ({limit} rows each)" if limit else "")
 
     class Sts(AbsTaskSTS):
@@ -115,7 +133,7 @@ def stsb_tasks(
         max_score = 5
         metadata = _metadata(
             f"{prefix}STS", "STS", f"STS pairs of {source}, dev split.", "cosine_spearman",
-            ["test"],
+            ["test"], revision,
         )  # fmt: skip
 
         def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
@@ -139,7 +157,7 @@ def stsb_tasks(
         metadata = _metadata(
             f"{prefix}GenreClassification", "Classification",
             f"The genre (captions, news, forums) of each first sentence of {source}; trained "
-            "on the train file, tested on the dev file.", "accuracy", ["test"],
+            "on the train file, tested on the dev file.", "accuracy", ["test"], revision,
         )  # fmt: skip
 
         def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
@@ -159,7 +177,7 @@ def stsb_tasks(
         metadata = _metadata(
             f"{prefix}GenreClustering", "Clustering",
             f"The distinct first sentences of {source}'s dev file, clustered by genre.",
-            "v_measure", ["test"],
+            "v_measure", ["test"], revision,
         )  # fmt: skip
 
         def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
@@ -180,6 +198,7 @@ def stsb_tasks(
             f"{prefix}Retrieval", "Retrieval",
             f"Dev pairs of {source} scored {RELEVANT_SCORE:g} or more: the first sentence "
             "retrieves the second among every dev second sentence.", "ndcg_at_10", ["test"],
+            revision,
         )  # fmt: skip
 
         def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:

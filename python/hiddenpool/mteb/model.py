@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from mteb.models.abs_encoder import AbsEncoder, get_prompt_name
@@ -104,11 +104,9 @@ class HiddenpoolModel(AbsEncoder):
         if meta is None:
             raise ValueError("model: has no mteb_model_meta; make it with hiddenpool.mteb.model")
         base = {k: v for k, v in (meta.experiment_kwargs or {}).items() if k != "strategy"}
-        base_meta = meta.model_copy(update={"experiment_kwargs": base or None})
+        width = _width(self.encoder, strategy)
+        base_meta = meta.model_copy(update={"experiment_kwargs": base or None, "embed_dim": width})
         variant = base_meta.load_model(strategy=strategy)
-        variant.mteb_model_meta = variant.mteb_model_meta.model_copy(
-            update={"embed_dim": _width(self.encoder, strategy)}
-        )
         assert isinstance(variant, HiddenpoolModel)
         return variant
 
@@ -153,7 +151,10 @@ def model(
     path = os.fspath(model) if model is not None else default_model_path()
     if encoder is None:
         encoder = Encoder.from_pretrained(
-            path, backend=backend, precision=precision, max_length=max_length  # type: ignore[arg-type]
+            path,
+            backend=cast(Any, backend),
+            precision=cast(Any, precision),
+            max_length=max_length,
         )
     folder = path if os.path.isdir(path) else None
     config = _st_config(folder)
@@ -176,7 +177,7 @@ def model(
         experiment["include_prompt"] = include_prompt
     meta = ModelMeta.create_empty(
         {
-            "loader": functools.partial(_load, encoder, options),
+            "loader": _Loader(encoder, options),
             "name": name or _model_name(model, path),
             "revision": _revision(folder),
             "max_tokens": float(encoder.max_length),
@@ -185,28 +186,32 @@ def model(
             "similarity_fn_name": _similarity(config),
             "open_weights": True,
             "experiment_kwargs": experiment,
+            "embed_dim": _width(encoder, strategy),
         }
     )
     loaded = meta.load_model(strategy=strategy)
     assert isinstance(loaded, HiddenpoolModel)
-    loaded.mteb_model_meta = loaded.mteb_model_meta.model_copy(
-        update={"embed_dim": _width(encoder, strategy)}
-    )
     return loaded
 
 
-def _load(
-    encoder: Encoder,
-    options: dict[str, Any],
-    name: str,
-    revision: str | None = None,
-    *,
-    strategy: str = "model",
-    **experiment: Any,
-) -> HiddenpoolModel:
-    """MTEB's loader signature: the experiment arguments arrive as keywords (the runtime
-    ones only describe the already-loaded encoder)."""
-    return HiddenpoolModel(encoder, strategy=strategy, **options)
+class _Loader:
+    """MTEB's loader (``loader(name, revision=..., **experiment)``) over the loaded encoder.
+    ``ModelMeta.load_model`` deep-copies its meta, loader included: this loader copies as
+    itself, so every strategy shares the one loaded model instead of a copy each."""
+
+    __name__ = "hiddenpool.mteb.model"
+
+    def __init__(self, encoder: Encoder, options: dict[str, Any]) -> None:
+        self.encoder, self.options = encoder, options
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Loader:
+        return self
+
+    def __call__(
+        self, name: str, revision: str | None = None, *, strategy: str = "model", **_: Any
+    ) -> HiddenpoolModel:
+        # The other experiment arguments (backend, precision, ...) describe the encoder.
+        return HiddenpoolModel(self.encoder, strategy=strategy, **self.options)
 
 
 def _check_options(
@@ -223,11 +228,13 @@ def _check_options(
             isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()
         ):
             raise TypeError('prompts: expected a dict of str to str, as {"query": "query: "}')
-        try:
-            AbsEncoder.validate_task_to_prompt_name(dict(prompts), raise_for_invalid_keys=True)
-        except (KeyError, ValueError) as error:
-            message = str(error).strip("'\"").splitlines()[0]
-            raise ValueError(f"prompts: {message}") from None
+        unknown = [key for key in prompts if not _is_prompt_key(key)]
+        if unknown:
+            raise ValueError(
+                f"prompts: {unknown[0]!r} is not a key MTEB looks up; give query, document, a "
+                "task type (STS, Retrieval, ...), a task name, or TaskName-query / "
+                "TaskName-document"
+            )
     for flag, value in (("include_prompt", include_prompt), ("normalize", normalize)):
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"{flag}: expected True or False, got {value!r}")
@@ -254,11 +261,32 @@ def _config_prompts(config: Mapping[str, Any]) -> dict[str, str] | None:
     given = {k: v for k, v in prompts.items() if isinstance(k, str) and isinstance(v, str) and v}
     if "passage" in given and "document" not in given:
         given["document"] = given.pop("passage")
-    valid = AbsEncoder.validate_task_to_prompt_name(given, raise_for_invalid_keys=False) or {}
-    return dict(valid) or None
+    valid = {key: value for key, value in given.items() if _is_prompt_key(key)}
+    return valid or None
 
 
-def _similarity(config: Mapping[str, Any]) -> ScoringFunction:
+@functools.cache
+def _prompt_names() -> frozenset[str]:
+    from typing import get_args
+
+    import mteb
+    from mteb.abstasks.task_metadata import TaskType
+
+    tasks = {task.metadata.name for task in mteb.get_tasks(exclude_superseded=False)}
+    return frozenset(tasks | set(get_args(TaskType)))
+
+
+def _is_prompt_key(key: str) -> bool:
+    """A key MTEB's prompt lookup can match: query, document, a task type or task name,
+    either of the last two with -query or -document (local tasks' names are allowed as
+    any unknown name followed by those suffixes)."""
+    if key in ("query", "document") or key in _prompt_names():
+        return True
+    stem, _, kind = key.rpartition("-")
+    return bool(stem) and kind in ("query", "document")
+
+
+def _similarity(config: Mapping[str, Any]) -> Any:
     named = config.get("similarity_fn_name")
     if named == "dot":
         return ScoringFunction.DOT_PRODUCT

@@ -64,7 +64,7 @@ class RowStore:
         for start in range(0, len(unique), _LOOKUP_CHUNK):
             chunk = unique[start : start + _LOOKUP_CHUNK]
             marks = ",".join("?" * len(chunk))
-            query = f"SELECT key, row FROM rows WHERE key IN ({marks})"  # noqa: S608 (marks only)
+            query = f"SELECT key, row FROM rows WHERE key IN ({marks})"
             found.update((bytes(key), int(row)) for key, row in self.index.execute(query, chunk))
         return found
 
@@ -101,9 +101,7 @@ class SharedPass:
     strategies at once) only the texts no earlier call has encoded. ``texts_encoded``
     counts the texts put through the model."""
 
-    def __init__(
-        self, producer: HiddenpoolModel, strategies: Sequence[str], folder: str
-    ) -> None:
+    def __init__(self, producer: HiddenpoolModel, strategies: Sequence[str], folder: str) -> None:
         self.producer = producer
         self.strategies = list(strategies)
         self.widths = [int(producer.encoder.encode([], s).shape[1]) for s in self.strategies]
@@ -114,9 +112,7 @@ class SharedPass:
     def open(self, task_name: str) -> None:
         """Starts a task: its rows go to (or are reused from) ``folder/<task_name>``."""
         self.close(remove=False)
-        self.store = RowStore(
-            os.path.join(self.folder, task_name), self.strategies, self.widths
-        )
+        self.store = RowStore(os.path.join(self.folder, task_name), self.strategies, self.widths)
 
     def close(self, *, remove: bool) -> None:
         if self.store is not None:

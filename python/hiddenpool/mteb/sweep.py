@@ -11,7 +11,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import mteb
 
@@ -83,7 +83,11 @@ def resolve_tasks(tasks: Sequence[Any]) -> list[Any]:
     if isinstance(tasks, str):
         tasks = [tasks]
     names = [task for task in tasks if isinstance(task, str)]
-    known = {task.metadata.name for task in mteb.get_tasks()} if names else set()
+    known = (
+        {task.metadata.name for task in mteb.get_tasks(exclude_superseded=False)}
+        if names
+        else set()
+    )
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=4, cutoff=0.6)
@@ -129,15 +133,15 @@ def evaluate(
     {'mean@last': 0.8203..., 'cls@last': 0.7349...}
     """
     if not isinstance(model, HiddenpoolModel):
-        raise TypeError(
-            f"model: expected hiddenpool.mteb.model(...), got {type(model).__name__}"
-        )
+        raise TypeError(f"model: expected hiddenpool.mteb.model(...), got {type(model).__name__}")
     strategies = _check_strategies(model, strategies)
     resolved = resolve_tasks(tasks)
     cache = mteb.ResultCache(os.fspath(output_folder)) if output_folder else mteb.ResultCache()
     folder = str(cache.cache_path)
     variants = {strategy: model.variant(strategy) for strategy in strategies}
-    shared = SharedPass(model, strategies, os.path.join(folder, ROWS_FOLDER, _pass_name(model, strategies)))
+    shared = SharedPass(
+        model, strategies, os.path.join(folder, ROWS_FOLDER, _pass_name(model, strategies))
+    )
     for variant in variants.values():
         variant.shared = shared
     sweep = Sweep(strategies, [], {}, {}, 0, folder)
@@ -203,7 +207,7 @@ def _load(task: Any) -> str | None:
         return None
     try:
         task.load_data()
-    except Exception as error:  # noqa: BLE001 (datasets raises many kinds; each is reported)
+    except Exception as error:
         dataset = task.metadata.dataset.get("path", "?")
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return (
@@ -240,13 +244,14 @@ def _run_task(
             sweep.errors[name] = error
             return
     before, started = shared.texts_encoded, time.perf_counter()
-    shared.open(name)
+    if needed:  # a task read back whole from the results folder leaves its rows alone
+        shared.open(name)
     scores: dict[str, float] = {}
     results: dict[str, Any] = {}
     for strategy, variant in variants.items():
         _reseed(task)
         outcome = mteb.evaluate(
-            variant,
+            cast(Any, variant),
             task,
             cache=cache,
             overwrite_strategy="always" if overwrite else "only-missing",

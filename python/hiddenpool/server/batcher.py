@@ -172,6 +172,8 @@ class Batcher:
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="hiddenpool-worker", daemon=True)
         self.alive = True  # False once the worker died and cannot recover
+        # Forward passes failed since the last that succeeded (Ray Serve's health check).
+        self.failures_in_a_row = 0
         self._taken: list[_Row] = []  # the rows the worker took and has not finished
         self.fault_hook: Callable[[TokenBatch], None] | None = _fault_hook_from_environment()
         self._trimmer = Trimmer()  # freed memory back to the system, once a second at most
@@ -322,7 +324,9 @@ class Batcher:
             for job in jobs:
                 self._fail(job, failure)
             self.metrics.batch_failures.inc()
+            self.failures_in_a_row += 1
             return
+        self.failures_in_a_row = 0
         seconds = time.perf_counter() - started
         for job in jobs:
             job.inference_seconds += seconds

@@ -176,3 +176,45 @@ class Metrics:
         ):
             lines += metric.render()
         return "\n".join(lines) + "\n"
+
+
+def labelled(text: str, name: str, value: str) -> str:
+    """Prometheus text with ``name="value"`` added to every sample (a replica's label).
+
+    >>> print(labelled('# TYPE a counter\\na{route="/x"} 1\\nb 2\\n', "replica", "r1"), end="")
+    # TYPE a counter
+    a{route="/x",replica="r1"} 1
+    b{replica="r1"} 2
+    """
+    pair = _labels((name,), (value,))[1:-1]
+    out: list[str] = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            out.append(line)
+            continue
+        metric, _, number = line.rpartition(" ")
+        grown = f"{metric[:-1]},{pair}}}" if metric.endswith("}") else f"{metric}{{{pair}}}"
+        out.append(f"{grown} {number}")
+    return "\n".join(out) + "\n"
+
+
+def merge(texts: Sequence[str]) -> str:
+    """Several renders of the same metrics (one per replica, labelled apart) as one
+    exposition: each family's HELP and TYPE once, then every render's samples of it."""
+    order: list[str] = []
+    heads: dict[str, list[str]] = {}
+    samples: dict[str, list[str]] = {}
+    for text in texts:
+        family = ""
+        for line in text.splitlines():
+            if line.startswith("# HELP ") or line.startswith("# TYPE "):
+                family = line.split(" ")[2]
+                if family not in heads:
+                    order.append(family)
+                    heads[family], samples[family] = [], []
+                if len(heads[family]) < 2 and line not in heads[family]:
+                    heads[family].append(line)
+            elif line:
+                samples.setdefault(family, []).append(line)
+    lines = [line for family in order for line in heads[family] + samples[family]]
+    return "\n".join(lines) + "\n"

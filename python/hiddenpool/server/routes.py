@@ -329,6 +329,7 @@ class Routes:
     async def metrics(self, request: Request) -> Response:
         self.service.metrics.queue_texts.set(self.service.batcher.queued_texts())
         self.service.metrics.requests_in_flight.set(self.service.in_flight)
-        return PlainTextResponse(
-            self.service.metrics.render(), media_type="text/plain; version=0.0.4"
-        )
+        text = self.service.metrics.render()
+        if self.service.metrics_view is not None:  # a Ray Serve replica: every replica's
+            text = await self.service.metrics_view(text)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")

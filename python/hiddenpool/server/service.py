@@ -10,7 +10,7 @@ import contextlib
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +65,9 @@ class Service:
         self.in_flight = 0
         self.ready = False
         self.draining = False
+        # Ray Serve replicas: turns this replica's metrics text into what /metrics answers
+        # (every replica's, labelled); None: this process's own.
+        self.metrics_view: Callable[[str], Awaitable[str]] | None = None
         runner = encoder.runner
         if hasattr(runner, "spin"):
             runner.spin = False  # the event loop needs the cores between batches
