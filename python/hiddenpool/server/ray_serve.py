@@ -44,6 +44,9 @@ TARGET_ONGOING = 16
 # load to bring back: 1-3 s for all-MiniLM-L6-v2, tens of seconds for large models).
 UPSCALE_DELAY_S = 10.0
 DOWNSCALE_DELAY_S = 120.0
+# The window the ongoing-requests mean is taken over (Ray's default 30 s): shorter, so a
+# burst shows within the upscale delay.
+LOOK_BACK_PERIOD_S = 10.0
 # Requests waiting in the proxy for a free replica when every replica is full; more get 429.
 MAX_QUEUED_REQUESTS = 1024
 # Forward passes failing in a row before the replica reports itself unhealthy.
@@ -87,6 +90,7 @@ class Scaling:
     upscale_delay_s: float = UPSCALE_DELAY_S
     downscale_delay_s: float = DOWNSCALE_DELAY_S
     max_queued_requests: int = MAX_QUEUED_REQUESTS
+    look_back_period_s: float = LOOK_BACK_PERIOD_S
 
 
 def check(options: ReplicaOptions, scaling: Scaling) -> None:
@@ -111,7 +115,12 @@ def check(options: ReplicaOptions, scaling: Scaling) -> None:
         raise ValueError(
             f"cpus_per_replica: expected a positive number, got {scaling.cpus_per_replica}"
         )
-    for name in ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s"):
+    for name in (
+        "target_ongoing_requests",
+        "upscale_delay_s",
+        "downscale_delay_s",
+        "look_back_period_s",
+    ):
         if not getattr(scaling, name) > 0:
             raise ValueError(f"{name}: expected a positive number, got {getattr(scaling, name)}")
     if options.threads < 1:
@@ -145,6 +154,10 @@ def deployment_options(options: ReplicaOptions, scaling: Scaling) -> dict[str, A
             "target_ongoing_requests": scaling.target_ongoing_requests,
             "upscale_delay_s": scaling.upscale_delay_s,
             "downscale_delay_s": scaling.downscale_delay_s,
+            "look_back_period_s": scaling.look_back_period_s,
+            # Replicas report their load five times per window (Ray wants it more often
+            # than the window; its default, every 10 s, is slower than the window here).
+            "metrics_interval_s": scaling.look_back_period_s / 5,
         }
     return document
 
@@ -160,6 +173,7 @@ def serve_app(
     upscale_delay_s: float = UPSCALE_DELAY_S,
     downscale_delay_s: float = DOWNSCALE_DELAY_S,
     max_queued_requests: int = MAX_QUEUED_REQUESTS,
+    look_back_period_s: float = LOOK_BACK_PERIOD_S,
     api_key: str | None = None,
     **replica: Any,
 ) -> Any:
@@ -178,7 +192,7 @@ def serve_app(
     """
     scaling = Scaling(
         replicas, min_replicas, max_replicas, float(cpus_per_replica), target_ongoing_requests,
-        upscale_delay_s, downscale_delay_s, max_queued_requests,
+        upscale_delay_s, downscale_delay_s, max_queued_requests, look_back_period_s,
     )  # fmt: skip
     if "threads" not in replica:
         replica["threads"] = max(1, int(cpus_per_replica))
