@@ -86,12 +86,12 @@ def main() -> None:
     scores: dict[str, dict[str, dict[str, float]]] = {}
 
     def shared(name: str, strategies: list[str]) -> None:
-        counting["texts"] = 0
+        counting["texts"], counting["seconds"] = 0, 0.0
         with tempfile.TemporaryDirectory() as folder:
             seconds, sweep = timed(
                 lambda: hm.evaluate(model, tasks(), strategies, output_folder=folder)
             )
-        rows.append((name, seconds, counting["texts"]))
+        rows.append((name, seconds, counting["texts"], counting["seconds"]))
         scores[name] = {s: {t.name: t.scores[s] for t in sweep.tasks} for s in strategies}
         print(f"{name}: {seconds:.1f} s", flush=True)
 

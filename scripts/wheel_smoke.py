@@ -19,3 +19,19 @@ from hiddenpool.evaluation import evaluate  # noqa: E402
 pairs = evaluate.read_pairs(evaluate.default_data_path())
 assert len(pairs.scores) >= 36, len(pairs.scores)
 print("shipped sentence pairs:", len(pairs.scores))
+
+# Without their extras, `compare --mteb` and `serve --ray` say which extra to install, in
+# one line, exit code 2 (before any model loads).
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+for arguments, extra in (
+    (["compare", "--mteb", "STSBenchmark"], "hiddenpool[mteb]"),
+    (["serve", "--ray", "--model", "/nonexistent"], "hiddenpool[ray-serve]"),
+):
+    result = subprocess.run(
+        [sys.executable, "-m", "hiddenpool", *arguments], capture_output=True, text=True
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and extra in lines[0], result.stderr
+    print(f"hiddenpool {' '.join(arguments[:2])} without its extra:", lines[0])

@@ -338,3 +338,28 @@ def test_cli_errors(arguments, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_a_running_server_scores_the_same_through_mteb_openai_wrapper(wrapped):
+    """README "On MTEB": MTEB's own OpenAI-API wrapper against `hiddenpool serve` gives
+    the offline score (the served rows are the offline rows)."""
+    from mteb.models.openai_wrappers import OpenAIAPIEncodeWrapper
+    from test_server import Server
+
+    server = Server("--strategy", "mean@last")
+    try:
+        client = OpenAIAPIEncodeWrapper(
+            endpoint_url=server.url,
+            model_name=server.model,
+            use_chat_template=False,
+            modalities=["text"],
+        )
+        served = mteb.evaluate(
+            client, hm.stsb_tasks(STSB, limit=LIMIT)[0], cache=None, show_progress_bar=False
+        )
+    finally:
+        server.stop()
+    offline = mteb.evaluate(
+        wrapped, hm.stsb_tasks(STSB, limit=LIMIT)[0], cache=None, show_progress_bar=False
+    )
+    assert abs(served.task_results[0].get_score() - offline.task_results[0].get_score()) < 1e-6

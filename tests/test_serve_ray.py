@@ -76,7 +76,10 @@ def cluster(offline) -> Iterator[Cluster]:
     replica that runs it (the server's test hook, in the workers' environment)."""
     ports = Cluster(free_port(), free_port(), free_port())
     kill = str(token_id(offline, "elephant"))
-    env = environment(HIDDENPOOL_TEST_KILL_TOKEN=kill)
+    # Replicas report their load every half second, for the autoscaling test's 2 s window.
+    env = environment(
+        HIDDENPOOL_TEST_KILL_TOKEN=kill, RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S="0.5"
+    )
     subprocess.run(
         ["ray", "start", "--head", "--num-cpus", "2", "--port", str(ports.gcs),
          "--dashboard-port", str(ports.dashboard), "--include-dashboard", "true",

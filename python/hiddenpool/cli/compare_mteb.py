@@ -143,6 +143,8 @@ def run(options: Any) -> int:
         encoder=encoder,
         batch_size=options.batch_size,
         max_batch_tokens=options.max_batch_tokens,
+        layer_weights=options.layer_weights,
+        layer_scale=options.layer_scale,
     )
     folder = options.output_folder or DEFAULT_OUTPUT
     print(f"model: {model_name}")

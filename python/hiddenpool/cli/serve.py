@@ -105,6 +105,8 @@ def run(arguments: argparse.Namespace) -> int:
 
 
 def serve(options: ServeOptions) -> int:
+    if options.ray:
+        serve_ray.require_ray_serve()
     settings_module = _require_server()
     _check(options)
     serve_ray.check_flags(options)

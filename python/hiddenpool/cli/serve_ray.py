@@ -79,7 +79,7 @@ def check_flags(options: Any) -> None:
         raise UsageError("--print-config: writes a file for `serve deploy`; leave out --address")
 
 
-def _require_ray_serve() -> None:
+def require_ray_serve() -> None:
     try:
         import ray  # noqa: F401
         from ray import serve  # noqa: F401
@@ -127,14 +127,24 @@ def _specs(options: Any, model: str | None, strategy: str) -> tuple[Any, Any]:
 
 
 def serve_ray(options: Any, strategy: str) -> int:
-    _require_ray_serve()
     if options.address is not None:
         from hiddenpool.cli.encode_ray import _check_address
 
         _check_address(options.address)
-    model = checks.preflight(options, [strategy])
-    # Replicas load the folder by path: absolute, so they find it wherever they start.
-    model_path = os.path.abspath(model) if options.model and os.path.isdir(model) else options.model
+    if options.print_config is not None and options.model and not os.path.exists(options.model):
+        # A config for other machines (pods, a cluster's nodes) names their path as given.
+        print(
+            f"hiddenpool: --model {options.model} is not here; the config names it as given "
+            "for the machines that run it",
+            file=sys.stderr,
+        )
+        model_path: str | None = options.model
+    else:
+        model = checks.preflight(options, [strategy])
+        # Replicas load the folder by path: absolute, so they find it wherever they start.
+        model_path = (
+            os.path.abspath(model) if options.model and os.path.isdir(model) else options.model
+        )
     replica, scaling = _specs(options, model_path, strategy)
     if options.print_config is not None:
         return _print_config(options, replica, scaling)

@@ -44,6 +44,8 @@ class HiddenpoolModel(AbsEncoder):
         include_prompt: bool | None,
         batch_size: int | None,
         max_batch_tokens: int | None,
+        layer_weights: Sequence[float] | None = None,
+        layer_scale: float = 1.0,
     ) -> None:
         self.model = encoder
         self.encoder = encoder
@@ -53,6 +55,8 @@ class HiddenpoolModel(AbsEncoder):
         self.include_prompt = include_prompt
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
+        self.layer_weights = list(layer_weights) if layer_weights is not None else None
+        self.layer_scale = layer_scale
         self.shared: SharedPass | None = None
         self.texts_encoded = 0
 
@@ -93,6 +97,8 @@ class HiddenpoolModel(AbsEncoder):
             normalize=self.normalize,
             prompt=prompt,
             include_prompt=self.include_prompt,
+            layer_weights=self.layer_weights,
+            layer_scale=self.layer_scale,
             progress=False,
         )
         return {strategy: np.asarray(rows[strategy], np.float32) for strategy in strategies}
@@ -123,6 +129,8 @@ def model(
     batch_size: int | None = None,
     max_batch_tokens: int | None = None,
     max_length: int | None = None,
+    layer_weights: Sequence[float] | None = None,
+    layer_scale: float = 1.0,
     name: str | None = None,
     encoder: Encoder | None = None,
 ) -> HiddenpoolModel:
@@ -134,6 +142,8 @@ def model(
     each input; without it the model's sentence-transformers ``prompts`` are used.
     ``include_prompt=False`` leaves the prompt's tokens out of pooling. ``normalize`` scales
     rows to unit length (cosine scores do not change; classifiers and k-means do).
+    ``layer_weights`` and ``layer_scale`` run ``:weighted`` strategies (``Encoder.encode``'s).
+    ``encoder`` wraps an already loaded Encoder instead of loading ``model``.
 
     The ``ModelMeta`` (``.mteb_model_meta``) holds the name (``name``, else the model id or
     the folder's name), a revision (the folder's content hash, so a changed folder is a new
@@ -160,13 +170,15 @@ def model(
     config = _st_config(folder)
     if prompts is None:
         prompts = _config_prompts(config)
-    encoder.check([strategy])
+    encoder.check([strategy], layer_weights=layer_weights)
     options = {
         "prompts": dict(prompts) if prompts else None,
         "include_prompt": include_prompt,
         "normalize": normalize,
         "batch_size": batch_size,
         "max_batch_tokens": max_batch_tokens,
+        "layer_weights": layer_weights,
+        "layer_scale": layer_scale,
     }
     experiment: dict[str, Any] = {"backend": encoder.backend, "precision": encoder.precision}
     if normalize:
@@ -175,6 +187,9 @@ def model(
         experiment["prompts"] = dict(prompts)
     if include_prompt is not None:
         experiment["include_prompt"] = include_prompt
+    if layer_weights is not None:
+        experiment["layer_weights"] = [float(weight) for weight in layer_weights]
+        experiment["layer_scale"] = float(layer_scale)
     meta = ModelMeta.create_empty(
         {
             "loader": _Loader(encoder, options),

@@ -174,7 +174,7 @@ def _check_strategies(model: HiddenpoolModel, strategies: Sequence[str] | None) 
             Strategy.parse(strategy)
     if len(set(strategies)) != len(strategies):
         raise ValueError("strategies: a strategy is given twice")
-    model.encoder.check(list(strategies))
+    model.encoder.check(list(strategies), layer_weights=model.layer_weights)
     return list(strategies)
 
 

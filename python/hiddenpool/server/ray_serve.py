@@ -44,9 +44,11 @@ TARGET_ONGOING = 16
 # load to bring back: 1-3 s for all-MiniLM-L6-v2, tens of seconds for large models).
 UPSCALE_DELAY_S = 10.0
 DOWNSCALE_DELAY_S = 120.0
-# The window the ongoing-requests mean is taken over (Ray's default 30 s): shorter, so a
-# burst shows within the upscale delay.
-LOOK_BACK_PERIOD_S = 10.0
+# The window the ongoing-requests mean is taken over: Ray's default (30 s). It must exceed
+# the interval at which replicas report their load (10 s by default; set by
+# $RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S on the cluster, which the tests lower
+# with their shorter windows).
+LOOK_BACK_PERIOD_S = 30.0
 # Requests waiting in the proxy for a free replica when every replica is full; more get 429.
 MAX_QUEUED_REQUESTS = 1024
 # Forward passes failing in a row before the replica reports itself unhealthy.
@@ -155,9 +157,6 @@ def deployment_options(options: ReplicaOptions, scaling: Scaling) -> dict[str, A
             "upscale_delay_s": scaling.upscale_delay_s,
             "downscale_delay_s": scaling.downscale_delay_s,
             "look_back_period_s": scaling.look_back_period_s,
-            # Replicas report their load five times per window (Ray wants it more often
-            # than the window; its default, every 10 s, is slower than the window here).
-            "metrics_interval_s": scaling.look_back_period_s / 5,
         }
     return document
 
