@@ -130,6 +130,9 @@ def run(options: Any) -> int:
 
     _check(options)
     tasks = _tasks(options)
+    import datasets
+
+    datasets.disable_progress_bars()  # the data sets' per-step bars; the command prints its own
     model = checks.preflight(options, options.strategies or ())
     encoder, model_name = checks.load_encoder(options, model)
     if options.sweep:

@@ -147,7 +147,7 @@ def evaluate(
     sweep = Sweep(strategies, [], {}, {}, 0, folder)
     try:
         for task in resolved:
-            _run_task(task, variants, shared, cache, sweep, overwrite, keep_rows, show_progress)
+            _run_task(task, variants, shared, cache, sweep, overwrite, show_progress)
             if resamples > 0 and sweep.tasks and sweep.tasks[-1].name == task.metadata.name:
                 _intervals(task, variants, shared, sweep.tasks[-1], resamples, seed)
             shared.close(remove=not keep_rows)
@@ -233,7 +233,6 @@ def _run_task(
     cache: Any,
     sweep: Sweep,
     overwrite: bool,
-    keep_rows: bool,
     show_progress: bool,
 ) -> None:
     name = task.metadata.name
