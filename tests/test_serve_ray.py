@@ -308,6 +308,36 @@ def test_autoscaling_from_one_to_two_replicas_and_back(cluster, minilm_onnx, off
         serve.delete(ray_serve.APPLICATION)
 
 
+def test_every_replica_full_gives_429_with_retry_after(cluster, minilm_onnx):
+    """One replica taking one request at a time, two waiting in the proxy: of twelve
+    concurrent long requests, the rest get 429 with Retry-After, none hangs or fails."""
+    serve.delete(ray_serve.APPLICATION)
+    serve.run(
+        serve_app(minilm_onnx, replicas=1, max_concurrent_requests=1, max_queued_requests=2),
+        name=ray_serve.APPLICATION,
+        route_prefix="/",
+    )
+    outcomes: list[tuple[int, str | None]] = []
+
+    def send() -> None:
+        response = httpx.post(
+            f"{cluster.url}/embed", json={"inputs": ["word " * 200] * 32}, timeout=120
+        )
+        outcomes.append((response.status_code, response.headers.get("retry-after")))
+
+    try:
+        clients = [threading.Thread(target=send) for _ in range(12)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(180)
+    finally:
+        serve.delete(ray_serve.APPLICATION)
+    statuses = Counter(status for status, _ in outcomes)
+    assert set(statuses) == {200, 429} and statuses[200] >= 3, statuses
+    assert all(retry == "1" for status, retry in outcomes if status == 429)
+
+
 def test_print_config_deploys_with_serve_deploy(cluster, minilm_onnx, offline, tmp_path):
     config = tmp_path / "hiddenpool-serve.yaml"
     written = run_cli(

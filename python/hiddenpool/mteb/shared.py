@@ -15,12 +15,9 @@ import os
 import shutil
 import sqlite3
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from hiddenpool.mteb.model import HiddenpoolModel
 
 # SQLite's default limit on a statement's parameters is 999 (32766 since 3.32).
 _LOOKUP_CHUNK = 900
@@ -96,12 +93,22 @@ class RowStore:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
+class Producer(Protocol):
+    """What the pass encodes with (``HiddenpoolModel``): its encoder and options."""
+
+    encoder: Any
+
+    def encode_texts(
+        self, texts: list[str], strategies: Sequence[str], prompt: str | None
+    ) -> dict[str, np.ndarray]: ...
+
+
 class SharedPass:
     """Serves each strategy's rows for the texts MTEB asks about, encoding (for all the
     strategies at once) only the texts no earlier call has encoded. ``texts_encoded``
     counts the texts put through the model."""
 
-    def __init__(self, producer: HiddenpoolModel, strategies: Sequence[str], folder: str) -> None:
+    def __init__(self, producer: Producer, strategies: Sequence[str], folder: str) -> None:
         self.producer = producer
         self.strategies = list(strategies)
         self.widths = [int(producer.encoder.encode([], s).shape[1]) for s in self.strategies]
