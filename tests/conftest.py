@@ -47,9 +47,10 @@ def minilm(minilm_path):
     return Encoder.from_pretrained(minilm_path, device="cpu")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def minilm_onnx(minilm_path, tmp_path_factory) -> str:
-    """all-MiniLM-L6-v2 exported to an ONNX float32 folder, one per test module."""
+    """all-MiniLM-L6-v2 exported to an ONNX float32 folder, once per session (tests read
+    it; a test that changes an export makes its own)."""
     from hiddenpool import export_onnx
 
     return str(export_onnx(minilm_path, tmp_path_factory.mktemp("onnx") / "minilm-onnx"))

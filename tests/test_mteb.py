@@ -310,11 +310,6 @@ def test_cli_ranks_the_local_tasks_and_writes_json(minilm, tmp_path):
     interval = sts["intervals"]["mean@last"]
     assert interval["low"] < sts["scores"]["mean@last"] < interval["high"]
     assert len(list(output.glob("results/*/*/experiments/*"))) == 2
-    again = run_cli(
-        "compare", "--mteb-local", data, "--strategies", "mean@last", "cls@last",
-        "--output-folder", str(output),
-    )  # fmt: skip
-    assert again.returncode == 0 and again.stdout.count("results reused") == 4
 
 
 @pytest.mark.parametrize(

@@ -122,11 +122,6 @@ def test_t5_exports_the_encoder_only(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def minilm_onnx(minilm_path, tmp_path_factory) -> str:
-    return export_onnx(minilm_path, tmp_path_factory.mktemp("onnx") / "minilm")
-
-
-@pytest.fixture(scope="module")
 def minilm_int8(minilm_path, tmp_path_factory) -> str:
     return export_onnx(
         minilm_path, tmp_path_factory.mktemp("onnx") / "minilm-int8", quantize="int8"

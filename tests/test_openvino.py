@@ -56,11 +56,6 @@ def test_t5_encoder(tmp_path):
     assert_runtimes_agree(folder, [*STRATEGIES, "eos@last"])
 
 
-@pytest.fixture(scope="module")
-def minilm_onnx(minilm_path, tmp_path_factory) -> str:
-    return str(export_onnx(minilm_path, tmp_path_factory.mktemp("ov") / "minilm"))
-
-
 def test_only_the_states_asked_for_are_compiled(minilm_onnx):
     vino = Encoder.from_pretrained(minilm_onnx, backend="openvino")
     vino.encode(["a cat"], "mean@last")

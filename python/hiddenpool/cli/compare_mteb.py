@@ -125,12 +125,13 @@ def _benchmark(name: str) -> list[Any]:
 
 
 def run(options: Any) -> int:
-    import hiddenpool.mteb as hm
     from hiddenpool.evaluation import evaluate as similarity
 
     _check(options)
-    tasks = _tasks(options)
+    tasks = _tasks(options)  # says how to install the mteb extra where it is missing
     import datasets
+
+    import hiddenpool.mteb as hm
 
     datasets.disable_progress_bars()  # the data sets' per-step bars; the command prints its own
     model = checks.preflight(options, options.strategies or ())
