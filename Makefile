@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test build rust-test lint python-test wheel-test bench valgrind clean
+.PHONY: demo test test-long build rust-test lint python-test wheel-test bench valgrind clean
 
 $(STAMP): requirements/dev.txt pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -62,8 +62,12 @@ lint: build
 
 # The tests, then every docstring example in the package (`--doctest-modules`).
 python-test: build
-	pytest -q
+	pytest -q -m "not long"
 	pytest -q --doctest-modules python/hiddenpool
+
+# The load-driven Ray Serve runs (pyproject.toml's `long` marker): about 90 s more.
+test-long: build
+	pytest -q -m long
 
 # The wheel as users get it: built, installed into a fresh environment with only its
 # declared dependencies, imported and called there.

@@ -1,6 +1,7 @@
 """``hiddenpool serve --ray`` and ``hiddenpool.ray.serve_app``: Ray Serve replicas of the
 server on a local Ray cluster (``ray start --head``, 2 CPUs, started and stopped here),
-driven as users drive them (the openai client, httpx), against offline Encoder.encode."""
+driven as users drive them (the openai client, httpx), against offline Encoder.encode.
+The load-driven runs are marked ``long`` (``make test-long``)."""
 
 from __future__ import annotations
 
@@ -234,6 +235,7 @@ def check_outcomes(log: list) -> None:
     assert all(500 <= status < 600 for status, _ in failed), failed[:3]
 
 
+@pytest.mark.long
 def test_a_killed_replica_is_replaced_and_no_request_hangs_or_gets_wrong_rows(
     two_replicas, offline
 ):
@@ -264,6 +266,7 @@ def test_a_replica_whose_worker_died_reports_unhealthy_and_is_replaced(two_repli
     assert httpx.get(f"{two_replicas.url}/health").json() == {"status": "ok"}
 
 
+@pytest.mark.long
 def test_autoscaling_from_one_to_two_replicas_and_back(cluster, minilm_onnx, offline):
     """Test-sized delays: a replica is added under 8 clients, and removed when one client
     is left; that client's requests, the leaving replica's included, all succeed."""
@@ -308,6 +311,7 @@ def test_autoscaling_from_one_to_two_replicas_and_back(cluster, minilm_onnx, off
         serve.delete(ray_serve.APPLICATION)
 
 
+@pytest.mark.long
 def test_every_replica_full_gives_429_with_retry_after(cluster, minilm_onnx):
     """One replica taking one request at a time, two waiting in the proxy: of twelve
     concurrent long requests, the rest get 429 with Retry-After, none hangs or fails."""
@@ -363,6 +367,7 @@ def test_print_config_deploys_with_serve_deploy(cluster, minilm_onnx, offline, t
         serve.delete(ray_serve.APPLICATION)
 
 
+@pytest.mark.long
 def test_serve_ray_command_starts_serves_and_stops(minilm_onnx, offline):
     """As a user runs it: a local Ray instance of its own, one replica; SIGTERM stops
     the replicas and Ray, exit code 0."""

@@ -212,12 +212,13 @@ def _run(options: Any, replica: Any, scaling: Any) -> int:
         )
         serve.run(application, name=ray_serve.APPLICATION, route_prefix="/", blocking=False)
         shown = f"[{options.host}]" if ":" in options.host else options.host
-        count = (
-            f"{scaling.replicas} replicas"
-            if scaling.replicas is not None
-            else f"{scaling.min_replicas or 1}-{scaling.max_replicas or scaling.min_replicas or 1} "
-            "replicas (autoscaling)"
-        )
+        if scaling.min_replicas is None and scaling.max_replicas is None:
+            fixed = scaling.replicas or 1
+            count = f"{fixed} replica{'s' if fixed > 1 else ''}"
+        else:
+            low = scaling.min_replicas if scaling.min_replicas is not None else 1
+            high = scaling.max_replicas if scaling.max_replicas is not None else max(low, 1)
+            count = f"{low}-{high} replicas (autoscaling)"
         print(
             f"hiddenpool serve --ray: {count} of {model or checks.DEFAULT_MODEL_NAME}, strategy "
             f"{replica.strategy}; listening on http://{shown}:{options.port}",

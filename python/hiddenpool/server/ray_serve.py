@@ -144,8 +144,10 @@ def deployment_options(options: ReplicaOptions, scaling: Scaling) -> dict[str, A
         "graceful_shutdown_timeout_s": options.shutdown_timeout,
         "graceful_shutdown_wait_loop_s": 1.0,
     }
-    if scaling.replicas is not None:
-        document["num_replicas"] = scaling.replicas
+    if scaling.replicas is not None or (
+        scaling.min_replicas is None and scaling.max_replicas is None
+    ):
+        document["num_replicas"] = scaling.replicas or 1  # neither given: one replica
     else:
         low = scaling.min_replicas if scaling.min_replicas is not None else 1
         high = scaling.max_replicas if scaling.max_replicas is not None else max(low, 1)
