@@ -343,6 +343,7 @@ def test_every_replica_full_gives_429_with_retry_after(cluster, minilm_onnx):
 
 
 def test_print_config_deploys_with_serve_deploy(cluster, minilm_onnx, offline, tmp_path):
+    serve.delete(ray_serve.APPLICATION)  # the keyed two-replica application, if running
     config = tmp_path / "hiddenpool-serve.yaml"
     written = run_cli(
         "serve", "--ray", "--model", minilm_onnx, "--replicas", "1",
