@@ -61,9 +61,9 @@ lint: build
 	lint-imports
 
 # The tests, then every docstring example in the package (`--doctest-modules`).
-# One run for the tests and the docstrings' examples (the imports paid once).
 python-test: build
-	pytest -q -m "not long" tests --doctest-modules python/hiddenpool
+	pytest -q -m "not long"
+	pytest -q --doctest-modules python/hiddenpool
 
 # The load-driven Ray Serve runs (pyproject.toml's `long` marker): about 90 s more.
 test-long: build
